@@ -1,0 +1,302 @@
+"""A uniform view over Hugging Face vision backbones.
+
+One table says, per ``model_type``, which modules carry LoRA factors, which carry shifts (biases and
+norm affines), how blocks are named (so that only the last blocks can be adapted) and how one feature
+vector per image is pooled. Everything else is the same for every backbone: :func:`embed` and
+:func:`probe_feature_size`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BACKBONE_TABLE",
+    "BackboneSpec",
+    "backbone_spec",
+    "embed",
+    "model_type_of",
+    "probe_feature_size",
+    "resolve_adapted_modules",
+    "SHIFTABLE_NORMS",
+]
+
+# Normalisation layers whose affine weight and bias can be shifted (subclasses included, e.g. timm's
+# BatchNormAct2d and transformers' ConvNextLayerNorm).
+SHIFTABLE_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to adapt and pool one family of backbones.
+
+    Attributes:
+        lora_modules: regex (``re.search`` on the full module name) of the Linear / Conv2d modules that get
+            LoRA factors by default.
+        shift_modules: regex of the modules whose bias (Linear / Conv2d) or affine (norm layers) gets a
+            shift by default.
+        block_pattern: regex whose first group is the name of the block a module belongs to; blocks are
+            numbered in module order, which is what ``first_adapted_block`` counts.
+        pooling: ``"pooler"`` (``pooler_output``, flattened), ``"cls"`` (first token of
+            ``last_hidden_state``) or ``"mean"`` (mean of ``last_hidden_state`` over tokens or space).
+        exclude_modules: regex of modules never adapted (layers without a batch dimension).
+    """
+
+    lora_modules: str
+    shift_modules: str
+    block_pattern: str
+    pooling: str = "pooler"
+    exclude_modules: str | None = None
+
+
+_VIT_LIKE = BackboneSpec(
+    lora_modules=r"attention\.(q_proj|v_proj)$",
+    shift_modules=r"(attention\.(q_proj|k_proj|v_proj)|layernorm_before|layernorm_after)$",
+    block_pattern=r"^((?:encoder\.)?layers?\.\d+)\.",
+    pooling="cls",
+)
+_CLIP_LIKE = BackboneSpec(
+    lora_modules=r"self_attn\.(q_proj|v_proj)$",
+    shift_modules=r"(self_attn\.(q_proj|k_proj|v_proj)|layer_norm1|layer_norm2)$",
+    block_pattern=r"^(encoder\.layers\.\d+)\.",
+    exclude_modules=r"^head\.",
+)
+
+BACKBONE_TABLE: dict[str, BackboneSpec] = {
+    "vit": _VIT_LIKE,
+    "deit": _VIT_LIKE,
+    "dinov2": BackboneSpec(
+        lora_modules=r"attention\.(q_proj|v_proj)$",
+        shift_modules=r"(attention\.(q_proj|k_proj|v_proj)|norm1|norm2)$",
+        block_pattern=r"^(encoder\.layer\.\d+)\.",
+    ),
+    "clip_vision_model": _CLIP_LIKE,
+    "siglip_vision_model": _CLIP_LIKE,
+    "swin": BackboneSpec(
+        lora_modules=r"blocks\.\d+\.attention\.(q_proj|v_proj)$",
+        shift_modules=r"blocks\.\d+\.(attention\.(q_proj|k_proj|v_proj)|layernorm_before|layernorm_after)$",
+        block_pattern=r"^(encoder\.layers\.\d+\.blocks\.\d+)\.",
+    ),
+    "convnext": BackboneSpec(
+        lora_modules=r"layers\.\d+\.(pwconv1|pwconv2)$",
+        shift_modules=r"layers\.\d+\.(dwconv|layernorm)$",
+        block_pattern=r"^(encoder\.stages\.\d+\.layers\.\d+)\.",
+    ),
+    "resnet": BackboneSpec(
+        lora_modules=r"layers\.\d+\.layer\.\d+\.convolution$",
+        shift_modules=r"layers\.\d+\.(layer\.\d+|shortcut)\.normalization$",
+        block_pattern=r"^(encoder\.stages\.\d+\.layers\.\d+)\.",
+    ),
+    # Any timm model through transformers' TimmWrapperModel: EfficientNet / MobileNet names (conv_pw,
+    # conv_pwl, conv_head, bn1..3) and timm ViT names (attn.qkv, mlp.fc1/fc2, norm1/norm2).
+    "timm_wrapper": BackboneSpec(
+        lora_modules=r"(blocks\.\d+\.\d+\.(conv_pw|conv_pwl)|conv_head|attn\.qkv|attn\.proj|mlp\.fc[12])$",
+        shift_modules=r"(blocks\.\d+\.\d+\.bn[123]|timm_model\.bn2|blocks\.\d+\.norm[12])$",
+        block_pattern=r"^(timm_model\.blocks\.\d+(?:\.\d+)?)\.",
+    ),
+}
+
+
+def model_type_of(backbone: nn.Module) -> str:
+    """The ``config.model_type`` of a transformers backbone, with a clear error for anything else."""
+    config = getattr(backbone, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        raise TypeError(
+            f"Expected a transformers vision backbone (a PreTrainedModel with config.model_type), got "
+            f"{type(backbone).__name__}. Load one with transformers.AutoModel.from_pretrained(...)."
+        )
+    return model_type
+
+
+def backbone_spec(model_type: str) -> BackboneSpec:
+    """The table entry for ``model_type``; an unknown type is an error that lists the known ones."""
+    try:
+        return BACKBONE_TABLE[model_type]
+    except KeyError:
+        raise ValueError(
+            f"No default adaptation table for model_type={model_type!r}. Supported: "
+            f"{sorted(BACKBONE_TABLE)}. For another backbone pass target_modules=... and shift_modules=... "
+            f"(regexes over module names) in HyperFlowConfig."
+        ) from None
+
+
+def _pool(output, pooling: str) -> torch.Tensor:
+    if pooling == "pooler":
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is not None:
+            return pooled.flatten(1)
+        pooling = "mean"
+    hidden = output.last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    if hidden.dim() == 4:  # [B, C, H, W]
+        return hidden.mean(dim=(2, 3))
+    return hidden.mean(dim=1)
+
+
+def embed(backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """One feature vector per image.
+
+    Args:
+        backbone: a transformers vision backbone (``AutoModel``), possibly wrapped by HyperFlow layers.
+        pixel_values: ``Tensor[B, 3, H, W]``.
+
+    Returns:
+        ``Tensor[B, D]``: ``pooler_output`` flattened where the table says so (and the model has one),
+        else the CLS token or the mean of ``last_hidden_state`` over tokens / space.
+    """
+    model_type = model_type_of(backbone)
+    pooling = BACKBONE_TABLE[model_type].pooling if model_type in BACKBONE_TABLE else "pooler"
+    return _pool(backbone(pixel_values=pixel_values), pooling)
+
+
+def probe_feature_size(backbone: nn.Module, image_size: int) -> int:
+    """The size D of :func:`embed`'s output, measured with one dummy forward (config fields can lie)."""
+    parameter = next(backbone.parameters())
+    dummy = torch.zeros(1, 3, image_size, image_size, dtype=parameter.dtype, device=parameter.device)
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        size = embed(backbone, dummy).shape[-1]
+    backbone.train(was_training)
+    return int(size)
+
+
+def _compile(patterns: str | list[str] | None) -> re.Pattern | None:
+    """A user pattern is a regex string, or a list of module-name suffixes (PEFT's convention)."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return re.compile(patterns)
+    return re.compile("(?:^|\\.)(?:" + "|".join(re.escape(p) for p in patterns) + ")$")
+
+
+def resolve_adapted_modules(
+    backbone: nn.Module,
+    *,
+    lora_modules: str | list[str] | None,
+    shift_modules: str | list[str] | None,
+    exclude_modules: str | list[str] | None = None,
+    first_adapted_block: int | None = None,
+) -> dict[str, frozenset[str]]:
+    """Which modules get which roles (``"lora"``, ``"shift"``), in module order.
+
+    ``None`` patterns fall back to the backbone table. ``first_adapted_block`` keeps only the modules of
+    blocks ``first_adapted_block, ...`` (negative: counted from the end) and the modules after them;
+    modules before the first block (embeddings) are then left out.
+
+    Raises:
+        ValueError: the patterns match nothing, or a LoRA target is not a Linear / plain Conv2d, or a shift
+            target has no bias / affine to shift.
+    """
+    model_type = model_type_of(backbone)
+    spec = BACKBONE_TABLE.get(model_type)
+    if spec is None and (lora_modules is None or shift_modules is None):
+        backbone_spec(model_type)  # raises the "no table entry" error
+    lora_re = _compile(lora_modules) if lora_modules is not None else re.compile(spec.lora_modules)
+    shift_re = _compile(shift_modules) if shift_modules is not None else re.compile(spec.shift_modules)
+    exclude_re = _compile(exclude_modules)
+    default_exclude = re.compile(spec.exclude_modules) if spec and spec.exclude_modules else None
+    block_re = re.compile(spec.block_pattern) if spec else None
+
+    named = [(name, module) for name, module in backbone.named_modules() if name]
+    # Position of every module: index of its block, or (outside blocks) just after the last block seen.
+    block_names: list[str] = []
+    positions: dict[str, float] = {}
+    for name, _ in named:
+        match = block_re.search(name) if block_re else None
+        if match:
+            if not block_names or block_names[-1] != match.group(1):
+                block_names.append(match.group(1))
+            positions[name] = len(block_names) - 1
+        else:
+            positions[name] = len(block_names) - 0.5
+    first = None
+    if first_adapted_block is not None:
+        if not block_names:
+            raise ValueError(
+                f"first_adapted_block={first_adapted_block} needs numbered blocks, but no module of this "
+                f"{model_type} backbone matches the block pattern."
+            )
+        first = first_adapted_block if first_adapted_block >= 0 else len(block_names) + first_adapted_block
+        if not 0 <= first < len(block_names):
+            raise ValueError(
+                f"first_adapted_block={first_adapted_block} is out of range: this backbone has "
+                f"{len(block_names)} blocks (use 0..{len(block_names) - 1} or -{len(block_names)}..-1)."
+            )
+
+    roles: dict[str, frozenset[str]] = {}
+    for name, module in named:
+        if first is not None and positions[name] < first:
+            continue
+        if (exclude_re and exclude_re.search(name)) or (default_exclude and default_exclude.search(name)):
+            continue
+        module_roles = set()
+        if lora_re.search(name) and isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(module, nn.Conv2d) and (
+                module.groups != 1 or (type(module) is not nn.Conv2d and module.kernel_size != (1, 1))
+            ):
+                if lora_modules is not None:
+                    raise ValueError(
+                        f"Module {name!r} ({type(module).__name__}, groups={module.groups}) cannot take LoRA "
+                        f"factors: only Linear and plain (groups=1) Conv2d layers can. Remove it from "
+                        f"target_modules."
+                    )
+            else:
+                module_roles.add("lora")
+        if shift_re.search(name):
+            if isinstance(module, SHIFTABLE_NORMS) and getattr(module, "weight", None) is not None:
+                module_roles.add("shift")
+            elif isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
+                module_roles.add("shift")
+        if module_roles:
+            roles[name] = frozenset(module_roles)
+    if not roles:
+        raise ValueError(
+            f"No module of this {model_type} backbone matches target_modules / shift_modules "
+            f"(first_adapted_block={first_adapted_block}). Check the patterns against "
+            f"[name for name, _ in backbone.named_modules()]."
+        )
+    return roles
+
+
+def default_image_size(backbone: nn.Module) -> int:
+    """The input side the backbone was made for: ``config.image_size``, timm's ``pretrained_cfg`` input
+    size, or 224."""
+    config = backbone.config
+    size = getattr(config, "image_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[-1]
+    if isinstance(size, int) and size > 0:
+        return size
+    pretrained_cfg = getattr(config, "pretrained_cfg", None) or {}
+    input_size = pretrained_cfg.get("test_input_size") or pretrained_cfg.get("input_size")
+    if input_size:
+        return int(input_size[-1])
+    return 224
+
+
+def backbone_fingerprint(backbone: nn.Module) -> str:
+    """A content hash (sha256, first 16 hex digits) of the backbone's weights and buffers.
+
+    Names are taken as in the plain backbone (tuner wrappers' ``base_layer`` stripped, tuner-only entries
+    left out) and values as float32, so that wrapping the backbone does not change its fingerprint.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    state = {
+        name.replace(".base_layer", ""): tensor
+        for name, tensor in backbone.state_dict().items()
+        if "hyperflow_" not in name and torch.is_floating_point(tensor)
+    }
+    for name in sorted(state):
+        tensor = state[name]
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
