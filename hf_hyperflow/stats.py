@@ -1,0 +1,45 @@
+"""Summary statistics for episodic evaluation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["mean_confidence_interval"]
+
+
+def mean_confidence_interval(values: Sequence[float] | np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """Mean and half width of the normal-approximation confidence interval of the mean.
+
+    The half width is ``z * std / sqrt(n)`` with the population standard deviation (``np.std``,
+    ``ddof=0``), as in the Meta-Dataset evaluation code; ``z = 1.96`` gives the usual 95% interval
+    reported as ``mean +- half_width``.
+
+    Args:
+        values: ``[n]`` finite numbers, e.g. one accuracy per episode (a 1-D sequence, array or CPU tensor).
+        z: the normal quantile, ``>= 0``.
+
+    Returns:
+        ``(mean, half_width)`` as Python floats; ``half_width`` is 0.0 for a single value.
+
+    Raises:
+        ValueError: no values, values that are not 1-D or not finite, or a negative / non-finite ``z``.
+    """
+    if isinstance(z, bool) or not isinstance(z, int | float) or not math.isfinite(z) or z < 0:
+        raise ValueError(f"z must be a finite number >= 0 (1.96 for a 95% interval), got {z!r}")
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"values must be a 1-D sequence of numbers, got {type(values).__name__}: {error}"
+        ) from None
+    if array.ndim != 1:
+        raise ValueError(f"values must be 1-D (one number per episode), got shape {array.shape}")
+    if array.size < 1:
+        raise ValueError("values is empty: a confidence interval needs at least one value")
+    if not np.isfinite(array).all():
+        raise ValueError(f"values must all be finite, got {array[~np.isfinite(array)][:5].tolist()}")
+    n = array.size
+    return float(array.mean()), float(z * array.std() / math.sqrt(n))
