@@ -94,17 +94,30 @@ def encode_labels(labels, classes: Sequence | None = None) -> tuple[torch.Tensor
 
 
 def default_image_processor(backbone: nn.Module, image_size: int):
-    """The backbone's own image processor when its folder has one, else a ViTImageProcessor with the
-    backbone's mean / std (timm's pretrained_cfg) or ImageNet's, resizing to ``image_size``."""
+    """A ViTImageProcessor that resizes to ``image_size`` with the backbone's mean / std.
+
+    The mean / std come from the backbone's own image processor when its folder has one, else from timm's
+    ``pretrained_cfg``, else ImageNet's. When the backbone's own processor already outputs ``image_size``
+    it is used as it is.
+    """
     from transformers import AutoImageProcessor, ViTImageProcessor
 
     name = getattr(backbone.config, "_name_or_path", None) or ""
-    if name and os.path.isfile(os.path.join(name, "preprocessor_config.json")):
-        return AutoImageProcessor.from_pretrained(name)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     pretrained_cfg = getattr(backbone.config, "pretrained_cfg", None) or {}
-    mean = list(pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = list(pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
-    return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std)
+    if pretrained_cfg:
+        mean, std = pretrained_cfg.get("mean", mean), pretrained_cfg.get("std", std)
+    if name and os.path.isdir(name):
+        try:
+            own = AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError):
+            own = None
+        if own is not None:
+            if _processor_size(own) == image_size:
+                return own
+            mean, std = getattr(own, "image_mean", None) or mean, getattr(own, "image_std", None) or std
+    return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(mean),
+                             image_std=list(std))
 
 
 def to_pixel_values(images, image_processor, device=None, dtype=None) -> torch.Tensor:
@@ -356,9 +369,13 @@ class AdaptedTask:
 
 
 def _processor_size(processor) -> int | None:
-    size = getattr(processor, "size", None) or {}
+    """The output side of an image processor, when it states one."""
+    size = getattr(processor, "size", None) or getattr(processor, "crop_size", None) or {}
     if isinstance(size, dict):
         return size.get("height") or size.get("shortest_edge")
+    data_config = getattr(processor, "data_config", None) or {}
+    if data_config.get("input_size"):
+        return int(data_config["input_size"][-1])
     return None
 
 

@@ -94,7 +94,7 @@ BACKBONE_TABLE: dict[str, BackboneSpec] = {
     # Any timm model through transformers' TimmWrapperModel: EfficientNet / MobileNet names (conv_pw,
     # conv_pwl, conv_head, bn1..3) and timm ViT names (attn.qkv, mlp.fc1/fc2, norm1/norm2).
     "timm_wrapper": BackboneSpec(
-        lora_modules=r"(blocks\.\d+\.\d+\.(conv_pw|conv_pwl)|conv_head|attn\.qkv|attn\.proj|mlp\.fc[12])$",
+        lora_modules=r"(blocks\.\d+\.\d+\.(conv_pw|conv_pwl|conv_exp)|conv_head|attn\.qkv|attn\.proj|mlp\.fc[12])$",
         shift_modules=r"(blocks\.\d+\.\d+\.bn[123]|timm_model\.bn2|blocks\.\d+\.norm[12])$",
         block_pattern=r"^(timm_model\.blocks\.\d+(?:\.\d+)?)\.",
     ),
