@@ -233,23 +233,28 @@ class AdaptedTask:
     def to_lora(self) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         """The task's adapter as a stock PEFT LoRA config and state dict (keys as PEFT saves them).
 
-        LoRA factors are exported as they are; bias shifts of Linear / Conv2d as ``lora_B`` biases (divided by
-        the LoRA scaling, which PEFT applies to them); norm-affine shifts as ``modules_to_save`` copies of the
-        norm with shifted weight and bias.
+        LoRA factors are exported as they are; bias shifts of LoRA targets as ``lora_B`` biases (divided by the
+        LoRA scaling, which PEFT applies to them); shifts of other modules (norm affines, depthwise convolutions)
+        as ``modules_to_save`` copies of the module with shifted parameters.
         """
         if self.state is None or self._tuner is None:
             raise ValueError("This task was loaded from a PEFT export already; save it with save_pretrained.")
         config = self._config
         scaling = config.scaling
         layers = dict(self._tuner.hyperflow_layers())
-        lora_targets: list[str] = []
-        norm_targets: list[str] = []
-        for name, layer in layers.items():
-            params = {parse_state_key(k)[1] for k in self.state if parse_state_key(k)[2] == name}
-            if "weight" in params:
-                norm_targets.append(name)
-            elif params:
-                lora_targets.append(name)
+        params_of: dict[str, set[str]] = {}
+        for key in self.state:
+            group, param, module = parse_state_key(key)
+            if group != "head":
+                params_of.setdefault(module, set()).add(param)
+        # LoRA targets: modules with LoRA factors, and Linear / plain Conv2d modules with only a bias shift
+        # (zero LoRA factors, the shift as lora_B bias: smaller than a copy of the module).
+        lora_targets = [
+            name for name, params in params_of.items()
+            if "A" in params or (params == {"bias"} and isinstance(layers[name].get_base_layer(), (nn.Linear, nn.Conv2d))
+                                 and getattr(layers[name].get_base_layer(), "groups", 1) == 1)
+        ]
+        copied = [name for name in params_of if name not in lora_targets]
         tensors: dict[str, torch.Tensor] = {}
         has_bias = any(f"shift.bias:{name}" in self.state for name in lora_targets)
         for name in lora_targets:
@@ -269,14 +274,15 @@ class AdaptedTask:
             if has_bias:
                 bias = self.state[bias_key][0] / scaling if bias_key in self.state else torch.zeros(out)
                 tensors[f"{prefix}.lora_B.bias"] = bias
-        for name in norm_targets:
+        # Shifts of modules without LoRA factors (norm affines, depthwise-conv biases...): modules_to_save copies
+        # of the module with the shift added to its parameters (exact).
+        for name in copied:
             base = layers[name].get_base_layer()
             prefix = f"base_model.model.{name}"
             for key, value in base.state_dict().items():
-                if key == "weight":
-                    value = value + self.state[f"shift.weight:{name}"][0]
-                elif key == "bias":
-                    value = value + self.state[f"shift.bias:{name}"][0]
+                shift_key = f"shift.{key}:{name}"
+                if shift_key in self.state:
+                    value = value + self.state[shift_key][0]
                 tensors[f"{prefix}.{key}"] = value
         if not lora_targets:
             raise ValueError(
@@ -290,7 +296,7 @@ class AdaptedTask:
             target_modules=lora_targets or None,
             init_lora_weights=False,
             lora_bias=has_bias,
-            modules_to_save=norm_targets or None,
+            modules_to_save=copied or None,
             base_model_name_or_path=getattr(backbone.config, "_name_or_path", None) or None,
         )
         return lora_config, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -370,9 +376,16 @@ class AdaptedTask:
 
 def _processor_size(processor) -> int | None:
     """The output side of an image processor, when it states one."""
-    size = getattr(processor, "size", None) or getattr(processor, "crop_size", None) or {}
-    if isinstance(size, dict):
-        return size.get("height") or size.get("shortest_edge")
+    for size in (getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None,
+                 getattr(processor, "size", None)):
+        if size is None:
+            continue
+        if isinstance(size, dict):
+            side = size.get("height") or size.get("shortest_edge")
+        else:  # transformers' SizeDict
+            side = getattr(size, "height", None) or getattr(size, "shortest_edge", None)
+        if side:
+            return int(side)
     data_config = getattr(processor, "data_config", None) or {}
     if data_config.get("input_size"):
         return int(data_config["input_size"][-1])

@@ -1,0 +1,65 @@
+"""Shared test fixtures: tiny random backbones built from configs (no network), one per model_type."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Tiny configs: hidden 32, 2 layers, 2 heads, 32 px, patch 8 (builds in milliseconds).
+TINY_CONFIGS: dict[str, dict] = {
+    "vit": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=8),
+    "dinov2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32,
+                   patch_size=8),
+    "clip_vision_model": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              image_size=32, patch_size=8),
+    "siglip_vision_model": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                image_size=32, patch_size=8),
+    "swin": dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=32, patch_size=4, window_size=2),
+    "convnext": dict(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=32, layer_scale_init_value=0.5),
+    "resnet": dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic"),
+    "timm_wrapper": dict(architecture="test_efficientnet", num_classes=0),
+}
+MODEL_TYPES = list(TINY_CONFIGS)
+IMAGE_SIZE = 32
+
+
+def make_backbone(model_type: str, seed: int = 0):
+    """A tiny random backbone of ``model_type`` in eval mode, deterministic for a seed."""
+    from transformers import AutoConfig, AutoModel, TimmWrapperConfig
+
+    torch.manual_seed(seed)
+    if model_type == "timm_wrapper":
+        config = TimmWrapperConfig(**TINY_CONFIGS[model_type])
+    else:
+        config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    model = AutoModel.from_config(config).eval()
+    if model_type == "resnet":  # make BatchNorm statistics non-trivial so that shifts and merges are visible
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_mean.uniform_(-0.5, 0.5)
+                    module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def randomize_drift(adapter, scale: float = 0.05, seed: int = 0) -> None:
+    """Give an (untrained, zero-output) drift network random output layers, so that deltas are non-zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in adapter.drift.named_parameters():
+            if name.startswith("state_out") or name.startswith("head_net"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+@pytest.fixture(params=MODEL_TYPES)
+def model_type(request) -> str:
+    return request.param
