@@ -528,9 +528,10 @@ class HyperFlowAdapter:
         pixel_list, label_list, class_lists = [], [], []
         for task in tasks:
             images, labels, classes = (*task, None)[:3]
-            _check_pair(images, labels)
+            pixel_values = self.pixel_values(images)
+            _check_pair(pixel_values, labels)
             encoded, names = encode_labels(labels, classes)
-            pixel_list.append(self.pixel_values(images))
+            pixel_list.append(pixel_values)
             label_list.append(encoded.to(pixel_list[-1].device))
             class_lists.append(names)
         sizes = [p.shape[0] for p in pixel_list]
@@ -567,9 +568,9 @@ class HyperFlowAdapter:
     @torch.no_grad()
     def direct_transfer(self, support_images, support_labels, classes: Sequence | None = None) -> AdaptedTask:
         """The unadapted baseline: prototypes of the frozen backbone's features (theta_0, no head delta)."""
-        _check_pair(support_images, support_labels)
-        labels, names = encode_labels(support_labels, classes)
         pixel_values = self.pixel_values(support_images)
+        _check_pair(pixel_values, support_labels)
+        labels, names = encode_labels(support_labels, classes)
         features = embed(self.backbone, pixel_values)
         prototypes = class_prototypes(features, labels.to(features.device), len(names))
         return AdaptedTask(lambda pv: embed(self.backbone, pv), prototypes, self.drift.logit_scale.detach().clone(),
