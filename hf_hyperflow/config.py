@@ -79,6 +79,10 @@ class HyperFlowConfig(PeftConfig):
     hidden_size: int = field(default=128, metadata={"help": "Width of the drift network's shared trunk."})
     time_embedding_size: int = field(default=16, metadata={"help": "Size of the sinusoidal embedding of t."})
     module_embedding_size: int = field(default=16, metadata={"help": "Size of the learned per-module embedding."})
+    output_rank: int = field(
+        default=16,
+        metadata={"help": "Size R of the drift trunk's output; each module maps it to its drift with its own [numel, R]."},
+    )
     state_projection_size: int = field(
         default=16, metadata={"help": "Size of the projection of a module's current state fed to the drift."}
     )
@@ -121,7 +125,7 @@ class HyperFlowConfig(PeftConfig):
         if self.integrator not in INTEGRATOR_NAMES:
             raise ValueError(f"integrator={self.integrator!r} is unknown: use one of {list(INTEGRATOR_NAMES)}.")
         for name in ("r", "steps", "hidden_size", "time_embedding_size", "module_embedding_size",
-                     "state_projection_size"):
+                     "state_projection_size", "output_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")

@@ -4,8 +4,8 @@ Task encoding (once per task): support features at theta_0 -> class prototypes -
 prototype -> mean and max pooling over classes (plus log ways and log shots) -> task embedding z.
 
 Drift of a module's state (LoRA factors and / or shifts of one module): a shared trunk MLP over
-[z, time embedding, learned module embedding, projection of the module's current state], followed by
-the module's own output projection. Output projections start at zero, so an untrained drift network is
+[z, time embedding, learned module embedding, projection of the module's current state] down to R
+features, followed by the module's own linear output map ``[numel, R]``. Output projections start at zero, so an untrained drift network is
 the identity map on theta_0 (direct transfer).
 
 Drift of the head (a shift of every class prototype): a shared MLP over [prototype, z, time embedding,
@@ -71,6 +71,8 @@ class DriftNet(nn.Module):
         feature_size: D, the size of the backbone's pooled features.
         groups: adapted-state groups (``"head"`` adds the per-class prototype shift).
         hidden_size, time_embedding_size, module_embedding_size, state_projection_size: sizes.
+        output_rank: R, the size of the trunk's output; each module's drift is its own linear map of it
+            (``[numel, R]``), which keeps the network small for wide backbones.
         init_seed: seed of the LoRA A factors of theta_0.
     """
 
@@ -83,6 +85,7 @@ class DriftNet(nn.Module):
         time_embedding_size: int = 16,
         module_embedding_size: int = 16,
         state_projection_size: int = 16,
+        output_rank: int = 16,
         init_seed: int = 0,
     ):
         super().__init__()
@@ -112,10 +115,10 @@ class DriftNet(nn.Module):
             for module in self.modules_order:
                 numel = sum(e.numel for e in self.module_entries[module])
                 self.state_in.append(nn.Parameter(torch.randn(state_projection_size, numel) / math.sqrt(numel)))
-                self.state_out_weight.append(nn.Parameter(torch.zeros(numel, hidden)))
+                self.state_out_weight.append(nn.Parameter(torch.zeros(numel, output_rank)))
                 self.state_out_bias.append(nn.Parameter(torch.zeros(numel)))
             self.trunk = _mlp([hidden + time_embedding_size + module_embedding_size + state_projection_size,
-                               hidden, hidden])
+                               hidden, hidden, output_rank])
         if "head" in self.groups:
             self.head_net = _mlp([2 * feature_size + hidden + time_embedding_size, hidden, hidden, feature_size])
             nn.init.zeros_(self.head_net[-1].weight)
@@ -197,7 +200,7 @@ class DriftNet(nn.Module):
                 self.module_embedding[None].expand(num_tasks, -1, -1),
                 projections,
             ], dim=2)
-            hidden = F.gelu(self.trunk(tokens))  # [T, M, H]
+            hidden = self.trunk(tokens)  # [T, M, R]
             for m, module in enumerate(self.modules_order):
                 flat = hidden[:, m] @ self.state_out_weight[m].T + self.state_out_bias[m]
                 offset = 0

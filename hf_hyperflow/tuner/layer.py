@@ -1,8 +1,10 @@
 """Per-task delta layers. They know only their math.
 
-A layer wraps a frozen ``base_layer`` and, while a task delta is set, adds the delta of each task to the
-rows of that task's images. Images of task i occupy rows ``[sum(sizes[:i]), sum(sizes[:i+1]))`` of the
-batch (times the rows per image, e.g. Swin's windows). With no delta set, a layer is its base layer.
+A layer wraps a frozen ``base_layer``. While a task delta is set, the rows of task i's images (rows
+``[sum(sizes[:i]), sum(sizes[:i+1]))`` of the batch, times the rows per image, e.g. Swin's windows) go
+through the base layer's own forward with task i's parameters: ``W + scaling * B_i @ A_i``, ``bias + db_i``,
+norm ``weight + dw_i``. One call of the base layer per task, whatever its kind (Conv2d with "same" padding,
+channels-first LayerNorm, timm's BatchNormAct2d...), and exact. With no delta set, a layer is its base layer.
 
 Delta tensors (T tasks):
 - LoRA on Linear: ``A: [T, r, in]``, ``B: [T, out, r]``; on Conv2d: ``A: [T, r, in, kh, kw]``,
@@ -14,7 +16,6 @@ Delta tensors (T tasks):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -32,17 +33,6 @@ def split_rows(rows: int, sizes: list[int]) -> list[int]:
         )
     per_image = rows // images
     return [s * per_image for s in sizes]
-
-
-def _channel_view(delta: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-    """View a per-task channel delta ``[T, C]`` so that it broadcasts over ``[T, rows, *y.shape[1:]]``.
-
-    ``ndim`` is the rank of the layer output y; ``axis`` the channel axis of y (negative counts from the end).
-    """
-    axis = axis % ndim
-    shape = [delta.shape[0]] + [1] * ndim
-    shape[axis + 1] = delta.shape[1]
-    return delta.reshape(shape)
 
 
 class HyperFlowLayer(BaseTunerLayer):
@@ -75,22 +65,20 @@ class HyperFlowLayer(BaseTunerLayer):
         self.task_delta = None
         self.task_sizes = None
 
-    def _per_task(self, x: torch.Tensor, y: torch.Tensor, add) -> torch.Tensor:
-        """``y + add(x_t, y_t, delta_t)`` per task, where ``x_t, y_t`` are ``[T', rows, ...]`` views.
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self._active():
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        rows = split_rows(x.shape[0], self.task_sizes)
+        outputs = []
+        for i, x_i in enumerate(x.split(rows)):
+            params = self._task_parameters({k: v[i] for k, v in self.task_delta.items()})
+            outputs.append(torch.func.functional_call(base, params, (x_i, *args), kwargs))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-        Equal task sizes run as one batched call; otherwise one call per task.
-        """
-        sizes = self.task_sizes
-        rows = split_rows(x.shape[0], sizes)
-        if len(set(rows)) == 1:
-            t = len(rows)
-            return add(x.reshape(t, rows[0], *x.shape[1:]), y.reshape(t, rows[0], *y.shape[1:]), self.task_delta
-                       ).reshape(y.shape)
-        outs = []
-        for i, (x_i, y_i) in enumerate(zip(x.split(rows), y.split(rows), strict=True)):
-            delta_i = {k: v[i : i + 1] for k, v in self.task_delta.items()}
-            outs.append(add(x_i.unsqueeze(0), y_i.unsqueeze(0), delta_i)[0])
-        return torch.cat(outs)
+    def _task_parameters(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The base layer's parameters with one task's delta applied (tensors without the task axis)."""
+        raise NotImplementedError
 
     def _active(self) -> bool:
         return self.task_delta is not None and not self.disable_adapters and not self.merged
@@ -127,7 +115,8 @@ class HyperFlowLayer(BaseTunerLayer):
 
     def _merge_increments(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Increments of the base layer's parameters for one task's delta (no task axis)."""
-        raise NotImplementedError
+        base = self.get_base_layer()
+        return {name: value - getattr(base, name) for name, value in self._task_parameters(delta).items()}
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
@@ -142,82 +131,29 @@ class HyperFlowLinear(nn.Module, HyperFlowLayer):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        if not self._active():
-            return y
+    forward = HyperFlowLayer.forward
 
-        def add(x_t, y_t, delta):
-            out = y_t
-            if "A" in delta:
-                a, b = delta["A"].to(x_t.dtype), delta["B"].to(x_t.dtype)
-                flat = x_t.reshape(x_t.shape[0], -1, x_t.shape[-1])
-                lora = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-                out = out + self.scaling * lora.reshape(y_t.shape)
-            if "bias" in delta:
-                out = out + _channel_view(delta["bias"].to(y_t.dtype), y_t.dim() - 1, -1)
-            return out
-
-        return self._per_task(x, y, add)
-
-    def _merge_increments(self, delta):
-        increments = {}
+    def _task_parameters(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        base = self.get_base_layer()
+        params = {}
         if "A" in delta:
-            increments["weight"] = self.scaling * delta["B"] @ delta["A"]
+            update = self.scaling * (delta["B"] @ delta["A"].reshape(delta["A"].shape[0], -1))
+            params["weight"] = base.weight + update.reshape(base.weight.shape).to(base.weight.dtype)
         if "bias" in delta:
-            increments["bias"] = delta["bias"]
-        return increments
+            params["bias"] = base.bias + delta["bias"].to(base.bias.dtype)
+        return params
 
 
-class HyperFlowConv2d(nn.Module, HyperFlowLayer):
-    """Conv2d (groups=1) with per-task LoRA factors (grouped convolutions, one group per task) and / or
-    bias shift."""
+class HyperFlowConv2d(HyperFlowLinear):
+    """Conv2d with per-task LoRA factors (groups=1 only) and / or bias shift."""
 
     def __init__(self, base_layer: nn.Conv2d, adapter_name: str, roles: frozenset[str]):
-        super().__init__()
-        if "lora" in roles and (base_layer.groups != 1 or base_layer.padding_mode != "zeros"):
-            raise ValueError(
-                f"LoRA needs a Conv2d with groups=1 and zero padding, got groups={base_layer.groups}, "
-                f"padding_mode={base_layer.padding_mode!r}."
-            )
+        nn.Module.__init__(self)
+        if "lora" in roles and base_layer.groups != 1:
+            raise ValueError(f"LoRA needs a Conv2d with groups=1, got groups={base_layer.groups}.")
         self._init_hyperflow(base_layer, adapter_name, roles)
         self.in_features = base_layer.in_channels
         self.out_features = base_layer.out_channels
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        if not self._active():
-            return y
-        conv = self.get_base_layer()
-
-        def add(x_t, y_t, delta):
-            out = y_t
-            if "A" in delta:
-                t, n = x_t.shape[:2]
-                a = delta["A"].to(x_t.dtype)  # [T, r, in, kh, kw]
-                b = delta["B"].to(x_t.dtype)  # [T, out, r]
-                rank = a.shape[1]
-                grouped = x_t.transpose(0, 1).reshape(n, t * x_t.shape[2], *x_t.shape[3:])
-                hidden = F.conv2d(grouped, a.reshape(t * rank, *a.shape[2:]), None, conv.stride, conv.padding,
-                                  conv.dilation, groups=t)
-                lora = F.conv2d(hidden, b.reshape(t * b.shape[1], rank, 1, 1), None, groups=t)
-                lora = lora.reshape(n, t, b.shape[1], *lora.shape[2:]).transpose(0, 1)
-                out = out + self.scaling * lora
-            if "bias" in delta:
-                out = out + _channel_view(delta["bias"].to(y_t.dtype), y_t.dim() - 1, 1)
-            return out
-
-        return self._per_task(x, y, add)
-
-    def _merge_increments(self, delta):
-        increments = {}
-        if "A" in delta:
-            a, b = delta["A"], delta["B"]
-            weight = b @ a.reshape(a.shape[0], -1)
-            increments["weight"] = self.scaling * weight.reshape(self.get_base_layer().weight.shape)
-        if "bias" in delta:
-            increments["bias"] = delta["bias"]
-        return increments
 
 
 class HyperFlowNorm(nn.Module, HyperFlowLayer):
@@ -231,50 +167,9 @@ class HyperFlowNorm(nn.Module, HyperFlowLayer):
         self._init_hyperflow(base_layer, adapter_name, roles)
         self.in_features = self.out_features = base_layer.weight.shape[0]
 
-    def _channel_axis(self) -> int:
+    forward = HyperFlowLayer.forward
+
+    def _task_parameters(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         base = self.get_base_layer()
-        if isinstance(base, nn.LayerNorm) and getattr(base, "data_format", "channels_last") == "channels_last":
-            return -1
-        return 1
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output with unit weight and zero bias (and without a fused activation)."""
-        base = self.get_base_layer()
-        ones = torch.ones_like(base.weight)
-        zeros = torch.zeros_like(base.weight)
-        if isinstance(base, nn.BatchNorm2d):
-            use_batch_stats = base.training or base.running_mean is None
-            return F.batch_norm(x, base.running_mean, base.running_var, ones, zeros,
-                                use_batch_stats and base.training, base.momentum or 0.0, base.eps)
-        return torch.func.functional_call(base, {"weight": ones, "bias": zeros}, (x,))
-
-    def _has_fused_activation(self) -> bool:
-        base = self.get_base_layer()
-        return isinstance(base, nn.BatchNorm2d) and hasattr(base, "act") and hasattr(base, "drop")
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self._active():
-            return self.base_layer(x, *args, **kwargs)
-        base = self.get_base_layer()
-        fused = self._has_fused_activation()
-        x_hat = self._normalise(x)
-        axis = self._channel_axis()
-        bias = base.bias if base.bias is not None else torch.zeros_like(base.weight)
-        y = (x_hat * _channel_view(base.weight[None], x_hat.dim(), axis)[0]
-             + _channel_view(bias[None], x_hat.dim(), axis)[0])
-
-        def add(xh_t, y_t, delta):
-            out = y_t
-            if "weight" in delta:
-                out = out + xh_t * _channel_view(delta["weight"].to(y_t.dtype), y_t.dim() - 1, axis)
-            if "bias" in delta:
-                out = out + _channel_view(delta["bias"].to(y_t.dtype), y_t.dim() - 1, axis)
-            return out
-
-        y = self._per_task(x_hat, y, add)
-        if fused:
-            y = base.act(base.drop(y))
-        return y
-
-    def _merge_increments(self, delta):
-        return {name: delta[name] for name in ("weight", "bias") if name in delta}
+        return {name: getattr(base, name) + delta[name].to(base.weight.dtype) for name in ("weight", "bias")
+                if name in delta}

@@ -42,7 +42,8 @@ def layer_state_entries(name: str, layer: HyperFlowLayer, rank: int) -> list[Sta
         if isinstance(layer, HyperFlowNorm):
             channels = base.weight.shape[0]
             entries.append(StateEntry(state_key("shift", "weight", name), (channels,)))
-            entries.append(StateEntry(state_key("shift", "bias", name), (channels,)))
+            if base.bias is not None:
+                entries.append(StateEntry(state_key("shift", "bias", name), (channels,)))
         else:
             entries.append(StateEntry(state_key("shift", "bias", name), (base.bias.shape[0],)))
     return entries
@@ -137,6 +138,7 @@ class HyperFlowModel(BaseTuner):
             time_embedding_size=config.time_embedding_size,
             module_embedding_size=config.module_embedding_size,
             state_projection_size=config.state_projection_size,
+            output_rank=config.output_rank,
             init_seed=config.init_seed,
         )
         parameter = next(iter(model.parameters()))
