@@ -199,7 +199,7 @@ class AdaptedTask:
 
     def __init__(self, embedder, prototypes: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
                  classes: list, image_processor, *, state: TaskState | None = None, tuner: HyperFlowModel | None = None,
-                 config: HyperFlowConfig | None = None):
+                 config: HyperFlowConfig | None = None, source: dict | None = None):
         self._embedder = embedder
         self.prototypes = prototypes
         self.logit_scale = logit_scale
@@ -209,6 +209,7 @@ class AdaptedTask:
         self.state = state
         self._tuner = tuner
         self._config = config
+        self._meta: dict = dict(source or {})
 
     @torch.no_grad()
     def embed(self, images) -> torch.Tensor:
@@ -301,18 +302,19 @@ class AdaptedTask:
         )
         return lora_config, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None) -> None:
         """Write a plain PEFT LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``) that stock
         PEFT loads without this package, plus the head (``hyperflow_head.safetensors``: prototypes, scale, bias),
-        the classes (``hyperflow_task.json``) and the image processor."""
+        the classes and provenance (``hyperflow_task.json``), the image processor and a model card
+        (``README.md``; ``repo_id`` names the model in it, default the folder's name)."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.state is not None:
             lora_config, tensors = self.to_lora()
             lora_config.save_pretrained(str(directory))
             save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-            model_type = model_type_of(self._tuner.model)
-            fingerprint = self._config.backbone_fingerprint
+            self._meta["backbone_model_type"] = model_type = model_type_of(self._tuner.model)
+            self._meta["backbone_fingerprint"] = fingerprint = self._config.backbone_fingerprint
         else:
             self._embedder.peft_model.save_pretrained(str(directory))
             model_type = self._meta["backbone_model_type"]
@@ -329,10 +331,56 @@ class AdaptedTask:
             "backbone_model_type": model_type,
             "backbone_fingerprint": fingerprint,
             "feature_size": int(self.prototypes.shape[1]),
+            "source_adapter": self._meta.get("source_adapter"),
+            "source_adapter_revision": self._meta.get("source_adapter_revision"),
+            "support_size": self._meta.get("support_size"),
+            "base_model": self._meta.get("base_model"),
         }
         (directory / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if self.image_processor is not None:
             self.image_processor.save_pretrained(str(directory))
+        card = self.model_card(repo_id or directory.name)
+        card.save(str(directory / "README.md"))
+
+    def model_card(self, repo_id: str):
+        """The task's model card (``huggingface_hub.ModelCard``): classes, source adapter, stock-PEFT usage."""
+        from .hub import TaskCardData, render_task_card
+
+        lora = json.loads(self._lora_config_json()) if self.state is not None else {}
+        return render_task_card(TaskCardData(
+            repo_id=_card_repo_id(repo_id),
+            base_model=self._meta.get("base_model") or self._meta.get("backbone_model_type") or "unknown",
+            class_names=[str(c) for c in self.classes],
+            source_adapter=self._meta.get("source_adapter") or "an untracked HyperFlow adapter",
+            source_adapter_revision=self._meta.get("source_adapter_revision"),
+            base_model_revision=self._meta.get("backbone_fingerprint"),
+            backbone_model_type=self._meta.get("backbone_model_type"),
+            lora_rank=lora.get("r"),
+            lora_alpha=lora.get("lora_alpha"),
+            target_modules=lora.get("target_modules"),
+            support_size=self._meta.get("support_size"),
+        ))
+
+    def _lora_config_json(self) -> str:
+        config, _ = self.to_lora()
+        return json.dumps({"r": config.r, "lora_alpha": config.lora_alpha,
+                           "target_modules": sorted(config.target_modules)})
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, token: str | None = None, create_pr: bool = False):
+        """Push the task (plain PEFT LoRA adapter, head, classes, image processor, model card) to the Hub.
+
+        Returns the ``huggingface_hub.CommitInfo``; ``PeftModel.from_pretrained(backbone, repo_id)`` loads it
+        with stock PEFT and ``AdaptedTask.from_pretrained(backbone, repo_id)`` with its head.
+        """
+        import tempfile
+
+        from .hub import push_folder_to_hub
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, repo_id=repo_id)
+            return push_folder_to_hub(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                                      commit_message=commit_message or "Upload adapted task", token=token)
 
     @classmethod
     def from_pretrained(cls, backbone: nn.Module, pretrained: str | os.PathLike, **kwargs) -> AdaptedTask:
@@ -372,6 +420,20 @@ class AdaptedTask:
                    meta["classes"], processor)
         task._meta = meta
         return task
+
+
+def _card_repo_id(name: str) -> str:
+    """A valid Hub repo id for a card: ``name`` itself when valid, else its characters Hub ids allow."""
+    import re
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        return name
+    except HFValidationError:
+        cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "hyperflow-adapter"
+        return cleaned[:96]
 
 
 def _processor_size(processor) -> int | None:
@@ -439,6 +501,8 @@ class HyperFlowAdapter:
             self.model = get_peft_model(backbone, config, adapter_name=adapter_name)
         self.model.eval()
         self.image_processor = image_processor or default_image_processor(self.backbone, self.config.image_size)
+        self.name_or_path: str | None = None
+        self.revision: str | None = None
 
     # -- parts -------------------------------------------------------------------------------------
     @property
@@ -549,6 +613,8 @@ class HyperFlowAdapter:
                 state=batch.state.select(i),
                 tuner=self.tuner,
                 config=self.config,
+                source={"source_adapter": self.name_or_path, "source_adapter_revision": self.revision,
+                        "support_size": sizes[i], "base_model": self._base_model_name()},
             )
             for i, names in enumerate(class_lists)
         ]
@@ -577,11 +643,83 @@ class HyperFlowAdapter:
                            self.drift.logit_bias.detach().clone(), names, self.image_processor)
 
     # -- persistence -------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def _base_model_name(self) -> str:
+        return (getattr(self.backbone.config, "_name_or_path", None) or self.config.base_model_name_or_path
+                or self.config.backbone_model_type)
+
+    def model_card(self, repo_id: str, *, results: dict | None = None, training_config: dict | None = None,
+                   training_datasets: Sequence[str] = (), plot_path: str | None = None):
+        """The adapter's model card (``huggingface_hub.ModelCard``), from ``model_cards/adapter_card.md``.
+
+        Args:
+            results: an evaluation ``results.json`` object (its accuracies go into the model-index metadata).
+            training_config / training_datasets: how the drift network was trained.
+            plot_path: repo-relative path of an accuracy-vs-latency image.
+        """
+        from .hub import AdapterCardData, render_adapter_card
+
+        config = self.config
+        parameters = sum(p.numel() for p in self.drift.parameters())
+        return render_adapter_card(AdapterCardData(
+            repo_id=_card_repo_id(repo_id),
+            base_model=self._base_model_name(),
+            base_model_revision=config.backbone_fingerprint,
+            backbone_model_type=config.backbone_model_type,
+            feature_size=config.feature_size,
+            groups=list(config.groups),
+            target_modules=[n for n, layer in self.tuner.hyperflow_layers() if "lora" in layer.roles] or None,
+            lora_rank=config.r,
+            lora_alpha=float(config.lora_alpha),
+            integrator=config.integrator,
+            steps=config.steps,
+            drift_parameters=parameters,
+            drift_bytes=sum(t.numel() * t.element_size() for t in self.drift.state_dict().values()),
+            training_config=dict(training_config or {}),
+            training_datasets=list(training_datasets),
+            results=results,
+            plot_path=plot_path,
+        ))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None,
+                        results: dict | None = None, training_config: dict | None = None,
+                        training_datasets: Sequence[str] = ()) -> None:
         """Write ``adapter_config.json`` (the HyperFlowConfig), ``adapter_model.safetensors`` (drift network and
-        theta_0) and the image processor's ``preprocessor_config.json``."""
-        self.model.save_pretrained(str(save_directory))
-        self.image_processor.save_pretrained(str(save_directory))
+        theta_0), the image processor's ``preprocessor_config.json`` and the model card ``README.md``
+        (``repo_id`` names the model in it, default the folder's name; with ``results`` an accuracy-vs-latency
+        plot is drawn next to it)."""
+        directory = Path(save_directory)
+        self.model.save_pretrained(str(directory))
+        self.image_processor.save_pretrained(str(directory))
+        plot_path = None
+        if results is not None:
+            from .hub import save_results_plot
+
+            save_results_plot(results, directory / "accuracy_vs_latency.png")
+            plot_path = "accuracy_vs_latency.png"
+        card = self.model_card(repo_id or directory.resolve().name, results=results, training_config=training_config,
+                               training_datasets=training_datasets, plot_path=plot_path)
+        card.save(str(directory / "README.md"))
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, token: str | None = None, create_pr: bool = False,
+                    results: dict | None = None, training_config: dict | None = None,
+                    training_datasets: Sequence[str] = ()):
+        """Push config, drift network (safetensors), image processor and model card to the Hub.
+
+        Returns the ``huggingface_hub.CommitInfo`` (its ``oid`` is the revision ``from_pretrained`` can load).
+        """
+        import tempfile
+
+        from .hub import push_folder_to_hub
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, repo_id=repo_id, results=results, training_config=training_config,
+                                 training_datasets=training_datasets)
+            commit = push_folder_to_hub(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                                        commit_message=commit_message or "Upload HyperFlow adapter", token=token)
+        # Tasks adapted from now on record the pushed adapter as their source.
+        self.name_or_path, self.revision = repo_id, commit.oid
+        return commit
 
     @classmethod
     def from_pretrained(cls, backbone: nn.Module, pretrained: str | os.PathLike, *, revision: str | None = None,
@@ -626,4 +764,12 @@ class HyperFlowAdapter:
         processor = None
         if (folder / "preprocessor_config.json").is_file():
             processor = AutoImageProcessor.from_pretrained(str(folder))
-        return cls(model, image_processor=processor)
+        adapter = cls(model, image_processor=processor)
+        adapter.name_or_path = str(pretrained)
+        adapter.revision = revision or _snapshot_revision(folder)
+        return adapter
+
+
+def _snapshot_revision(folder: Path) -> str | None:
+    """The commit id of a Hub cache snapshot folder (``.../snapshots/<commit>``), else None."""
+    return folder.name if folder.parent.name == "snapshots" and len(folder.name) == 40 else None
