@@ -1,0 +1,376 @@
+"""Episodic evaluation: methods x datasets on the same seeded episodes; accuracy with 95% CI, adaptation
+latency, query latency and peak memory of adaptation, and the ratios between methods.
+
+Methods:
+- ``dt``: direct transfer (prototypes of the frozen backbone, no adaptation);
+- ``ft-full``, ``ft-lora``, ``ft-shift``, ``ft-head``: gradient fine-tuning (P>M>F protocol, lr chosen per
+  dataset on validation episodes) of the whole backbone or of one adapted-state group;
+- ``hyperflow``: the adapter's drift network with its integrator and steps; ``hyperflow:<integrator>:<steps>``
+  for other integrators / step counts (e.g. ``hyperflow:rk4:4``).
+
+Latency is wall-clock time from the support's pixel tensors to a ready classifier (image decoding and
+processing are the same for every method and excluded); query latency is the time of ``logits`` on the
+query set. Peak memory of adaptation: on CUDA the allocator's peak above the level before adaptation; on
+CPU the peak of the bytes PyTorch's CPU allocator holds above that level during adaptation (activations,
+autograd buffers, optimiser state, copies), accounted from ``torch.profiler``'s memory events
+(allocations of every op and frees), measured in a separate, profiled run of the first episodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapter import AdaptedTask, HyperFlowAdapter
+from .config import INTEGRATOR_NAMES
+from .episodes import Episode, EpisodeSampler
+from .finetune import DEFAULT_LR_GRID, finetune, select_lr
+from .stats import mean_confidence_interval
+
+__all__ = ["Method", "parse_method", "measure_peak_memory", "Evaluator", "FT_GROUPS", "results_markdown"]
+
+FT_GROUPS: dict[str, tuple[str, ...]] = {
+    "ft-full": ("full",),
+    "ft-lora": ("lora",),
+    "ft-shift": ("shift",),
+    "ft-head": ("head",),
+}
+KNOWN_METHODS = ("dt", *FT_GROUPS, "hyperflow", "hyperflow:<integrator>:<steps>")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One evaluated method: ``kind`` is ``"dt"``, ``"ft"`` or ``"hyperflow"``."""
+
+    name: str
+    kind: str
+    groups: tuple[str, ...] = ()
+    integrator: str | None = None
+    steps: int | None = None
+
+
+def parse_method(name: str) -> Method:
+    """``"dt"``, ``"ft-full"``/``"ft-lora"``/``"ft-shift"``/``"ft-head"``, ``"hyperflow"`` or
+    ``"hyperflow:<integrator>:<steps>"``; anything else is a ValueError listing the choices."""
+    if name == "dt":
+        return Method(name, "dt")
+    if name in FT_GROUPS:
+        return Method(name, "ft", groups=FT_GROUPS[name])
+    if name == "hyperflow":
+        return Method(name, "hyperflow")
+    parts = name.split(":")
+    if parts[0] == "hyperflow" and len(parts) == 3:
+        integrator, steps = parts[1], parts[2]
+        if integrator not in INTEGRATOR_NAMES:
+            raise ValueError(f"Method {name!r}: integrator {integrator!r} is unknown; use one of {list(INTEGRATOR_NAMES)}.")
+        if not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"Method {name!r}: the number of steps must be a positive integer.")
+        return Method(name, "hyperflow", integrator=integrator, steps=int(steps))
+    raise ValueError(f"Unknown method {name!r}. Choose from {list(KNOWN_METHODS)}.")
+
+
+def measure_peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by PyTorch while ``fn()`` runs, above the level when it starts (see the module
+    docstring for how, on CUDA and on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - start)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in profiler.events()
+                    if e.self_cpu_memory_usage)
+    running = itertools.accumulate(delta for _, delta in events)
+    return int(max(0, max(running, default=0)))
+
+
+@dataclass
+class _Prepared:
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    indices: tuple[list[int], list[int]]
+
+
+class Evaluator:
+    """Runs methods on the same seeded episodes of each dataset.
+
+    Args:
+        adapter: the HyperFlowAdapter (its backbone, image processor and state parametrisation serve every
+            method; its drift network serves ``hyperflow``).
+        methods: method names (see :func:`parse_method`).
+        ft_steps: fine-tuning steps (50 in P>M>F).
+        lr_grid: learning rates tried per dataset on ``lr_episodes`` validation episodes; ``fixed_lr`` skips that.
+        memory_episodes: episodes per method whose adaptation is measured again under the memory profiler.
+        seed: the episodes' seed (every method sees the same episodes).
+    """
+
+    def __init__(self, adapter: HyperFlowAdapter, methods: Sequence[str], *, ft_steps: int = 50,
+                 lr_grid: Sequence[float] = DEFAULT_LR_GRID, lr_episodes: int = 5, fixed_lr: float | None = None,
+                 memory_episodes: int = 2, seed: int = 0, progress: bool = True):
+        if not methods:
+            raise ValueError("Give at least one method.")
+        self.methods = [parse_method(m) for m in methods]
+        if len({m.name for m in self.methods}) != len(self.methods):
+            raise ValueError(f"Methods listed twice: {list(methods)}.")
+        self.adapter = adapter
+        self.ft_steps = ft_steps
+        self.lr_grid = list(lr_grid)
+        self.lr_episodes = lr_episodes
+        self.fixed_lr = fixed_lr
+        self.memory_episodes = memory_episodes
+        self.seed = seed
+        self.progress = progress
+
+    # -- one method on one episode -------------------------------------------------------------------
+    def _adapt(self, method: Method, episode: _Prepared, lr: float | None, episode_index: int) -> AdaptedTask:
+        if method.kind == "dt":
+            return self.adapter.direct_transfer(episode.support, episode.support_labels)
+        if method.kind == "hyperflow":
+            return self.adapter.adapt(episode.support, episode.support_labels, steps=method.steps,
+                                      integrator=method.integrator)
+        return finetune(self.adapter, episode.support, episode.support_labels, groups=method.groups,
+                        steps=self.ft_steps, lr=lr, seed=self.seed + episode_index).task
+
+    def _choose_lrs(self, dataset, sampler_kwargs: dict) -> dict[str, dict]:
+        lrs: dict[str, dict] = {}
+        ft_methods = [m for m in self.methods if m.kind == "ft"]
+        if not ft_methods:
+            return lrs
+        if self.fixed_lr is not None:
+            return {m.name: {"lr": self.fixed_lr, "table": None} for m in ft_methods}
+        validation = EpisodeSampler(dataset, **{**sampler_kwargs, "split": "validation",
+                                                "num_episodes": self.lr_episodes, "seed": self.seed + 10_000})
+        episodes = [validation[i] for i in range(self.lr_episodes)]
+        for method in ft_methods:
+            best, table = select_lr(self.adapter, episodes, groups=method.groups, grid=self.lr_grid,
+                                    steps=self.ft_steps, seed=self.seed)
+            lrs[method.name] = {"lr": best, "table": {str(k): v for k, v in table.items()}}
+        return lrs
+
+    def _prepare(self, episode: Episode) -> _Prepared:
+        device = self.adapter._device_dtype()[0]
+        return _Prepared(
+            support=self.adapter.pixel_values(episode.support_images),
+            support_labels=torch.as_tensor(episode.support_labels).to(device),
+            query=self.adapter.pixel_values(episode.query_images),
+            query_labels=torch.as_tensor(episode.query_labels),
+            indices=(list(episode.support_indices), list(episode.query_indices)),
+        )
+
+    # -- a dataset -------------------------------------------------------------------------------------
+    def evaluate_dataset(self, name: str, dataset, *, episodes: int, episodes_per_method: dict[str, int] | None = None,
+                         sampler_kwargs: dict | None = None, batch_tasks: int = 0) -> dict:
+        """Evaluate every method on ``dataset``; returns ``{"methods": {...}, "episode_rows": {...}, ...}``."""
+        from tqdm.auto import tqdm
+
+        sampler_kwargs = dict(sampler_kwargs or {})
+        per_method = {m.name: min(episodes, (episodes_per_method or {}).get(m.name, episodes)) for m in self.methods}
+        sampler = EpisodeSampler(dataset, **{**sampler_kwargs, "num_episodes": episodes, "seed": self.seed})
+        lrs = self._choose_lrs(dataset, sampler_kwargs)
+        records: dict[str, dict[str, list]] = {m.name: {"accuracy": [], "adapt": [], "query": [], "memory": []}
+                                               for m in self.methods}
+        rows: dict[str, list] = {m.name: [] for m in self.methods}
+        prepared_cache: list[_Prepared] = []
+        bar = tqdm(range(episodes), desc=f"{name}: episodes", disable=not self.progress)
+        for i in bar:
+            episode = self._prepare(sampler[i])
+            if len(prepared_cache) < max(batch_tasks, 1):
+                prepared_cache.append(episode)
+            for method in self.methods:
+                if i >= per_method[method.name]:
+                    continue
+                lr = lrs.get(method.name, {}).get("lr")
+                start = time.perf_counter()
+                task = self._adapt(method, episode, lr, i)
+                adapt_seconds = time.perf_counter() - start
+                start = time.perf_counter()
+                logits = task.logits(episode.query)
+                query_seconds = time.perf_counter() - start
+                accuracy = float((logits.argmax(-1).cpu() == episode.query_labels.cpu()).float().mean())
+                record = records[method.name]
+                record["accuracy"].append(accuracy)
+                record["adapt"].append(adapt_seconds)
+                record["query"].append(query_seconds)
+                rows[method.name].append(episode.indices)
+                if i < self.memory_episodes:
+                    record["memory"].append(measure_peak_memory(lambda m=method, e=episode: self._adapt(m, e, lr, i)))
+        summary = {}
+        for method in self.methods:
+            record = records[method.name]
+            mean, half = mean_confidence_interval([100.0 * a for a in record["accuracy"]])
+            summary[method.name] = {
+                "accuracy": mean,
+                "ci95": half,
+                "episodes": len(record["accuracy"]),
+                "adapt_latency_s": sum(record["adapt"]) / len(record["adapt"]),
+                "query_latency_s": sum(record["query"]) / len(record["query"]),
+                "peak_memory_bytes": int(max(record["memory"])) if record["memory"] else None,
+            }
+            if method.name in lrs:
+                summary[method.name]["lr"] = lrs[method.name]["lr"]
+                summary[method.name]["lr_table"] = lrs[method.name]["table"]
+        add_ratios(summary)
+        out = {"methods": summary, "episode_rows": rows, "per_episode_accuracy":
+               {m: records[m]["accuracy"] for m in records}}
+        if batch_tasks > 1 and any(m.kind == "hyperflow" for m in self.methods):
+            out["batched_throughput"] = self.batched_throughput(prepared_cache[:batch_tasks])
+        return out
+
+    def batched_throughput(self, episodes: list[_Prepared]) -> dict:
+        """Tasks per second of ``adapt_many`` (one pass over all tasks) against ``adapt`` one by one."""
+        tasks = [(e.support, e.support_labels) for e in episodes]
+        self.adapter.adapt_many(tasks[:1])  # warm-up
+        start = time.perf_counter()
+        for support, labels in tasks:
+            self.adapter.adapt(support, labels)
+        one_by_one = time.perf_counter() - start
+        start = time.perf_counter()
+        self.adapter.adapt_many(tasks)
+        batched = time.perf_counter() - start
+        return {"tasks": len(tasks), "one_by_one_tasks_per_s": len(tasks) / one_by_one,
+                "batched_tasks_per_s": len(tasks) / batched, "speedup": one_by_one / batched}
+
+    def steps_sweep(self, dataset, *, steps: Sequence[int], integrators: Sequence[str], episodes: int,
+                    sampler_kwargs: dict | None = None) -> dict:
+        """Accuracy of ``hyperflow`` against the number of integration steps (same episodes for every point)."""
+        sampler = EpisodeSampler(dataset, **{**(sampler_kwargs or {}), "num_episodes": episodes, "seed": self.seed})
+        prepared = [self._prepare(sampler[i]) for i in range(episodes)]
+        sweep: dict[str, dict[str, list[float]]] = {}
+        for integrator in integrators:
+            points = {"steps": [], "accuracy": [], "ci95": []}
+            for count in steps:
+                accuracies = []
+                for episode in prepared:
+                    task = self.adapter.adapt(episode.support, episode.support_labels, steps=count,
+                                              integrator=integrator)
+                    accuracies.append(100.0 * float((task.logits(episode.query).argmax(-1).cpu()
+                                                     == episode.query_labels).float().mean()))
+                mean, half = mean_confidence_interval(accuracies)
+                points["steps"].append(count)
+                points["accuracy"].append(mean)
+                points["ci95"].append(half)
+            sweep[integrator] = points
+        return sweep
+
+
+def add_ratios(summary: dict[str, dict]) -> None:
+    """Ratios of each method's latency / memory to ``dt`` and ``ft-full`` of the same run (in place)."""
+    dt = summary.get("dt")
+    full = summary.get("ft-full")
+    for row in summary.values():
+        if dt:
+            row["latency_vs_dt"] = row["adapt_latency_s"] / dt["adapt_latency_s"]
+        if full:
+            row["latency_vs_ft_full"] = row["adapt_latency_s"] / full["adapt_latency_s"]
+            if row.get("peak_memory_bytes") is not None and full.get("peak_memory_bytes"):
+                row["memory_vs_ft_full"] = row["peak_memory_bytes"] / full["peak_memory_bytes"]
+
+
+def gain_fraction(summary: dict[str, dict], method: str = "hyperflow", reference: str = "ft-shift") -> float | None:
+    """``(acc[method] - acc[dt]) / (acc[reference] - acc[dt])``: the share of the reference's gain over dt."""
+    if not {"dt", method, reference} <= set(summary):
+        return None
+    gain = summary[reference]["accuracy"] - summary["dt"]["accuracy"]
+    if abs(gain) < 1e-9:
+        return None
+    return (summary[method]["accuracy"] - summary["dt"]["accuracy"]) / gain
+
+
+def _fmt(value, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return pattern.format(value)
+
+
+def results_markdown(results: dict) -> str:
+    """The results as Markdown tables, one per dataset."""
+    meta = results.get("meta", {})
+    lines = [f"Protocol: {meta.get('protocol')}, ways {meta.get('ways')}, shots {meta.get('shots')}, queries "
+             f"{meta.get('queries')}, image size {meta.get('image_size')} px; machine: {meta.get('machine')}; "
+             f"date {meta.get('date')}.", ""]
+    if meta.get("command"):
+        lines += [f"Command: `{meta['command']}`", ""]
+    for dataset, methods in results["results"].items():
+        lines += [f"### {dataset}", "",
+                  "| method | accuracy % | 95% CI | episodes | adapt s | query s | peak memory | vs dt (time) | "
+                  "vs ft-full (time) | vs ft-full (memory) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, row in methods.items():
+            memory = row.get("peak_memory_bytes")
+            lines.append(
+                f"| {name} | {row['accuracy']:.2f} | ±{row['ci95']:.2f} | {row['episodes']} | "
+                f"{row['adapt_latency_s']:.4f} | {row['query_latency_s']:.4f} | "
+                f"{_fmt(memory / 2**20 if memory is not None else None, '{:.1f} MiB')} | "
+                f"{_fmt(row.get('latency_vs_dt'), '{:.2f}x')} | {_fmt(row.get('latency_vs_ft_full'), '{:.4f}x')} | "
+                f"{_fmt(row.get('memory_vs_ft_full'), '{:.3f}x')} |")
+        share = gain_fraction(methods)
+        if share is not None:
+            lines.append("")
+            lines.append(f"hyperflow's accuracy gain over dt is {100 * share:.0f}% of ft-shift's gain.")
+        lines.append("")
+    extra = results.get("batched_throughput")
+    if extra:
+        lines += ["### Many tasks at once", ""]
+        for dataset, row in extra.items():
+            lines.append(f"- {dataset}: {row['tasks']} tasks; one by one {row['one_by_one_tasks_per_s']:.2f} tasks/s, "
+                         f"batched {row['batched_tasks_per_s']:.2f} tasks/s ({row['speedup']:.2f}x).")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_steps_plot(sweeps: dict, path: str | Path) -> Path:
+    """Accuracy against the number of integration steps, one line per integrator, one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(sweeps)
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets, strict=True):
+        for integrator, points in sweeps[dataset].items():
+            axis.errorbar(points["steps"], points["accuracy"], yerr=points["ci95"], marker="o", capsize=3,
+                          label=integrator)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("integration steps")
+        axis.set_ylabel("accuracy (%)")
+        axis.set_title(dataset)
+        axis.legend()
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_outputs(results: dict, output_dir: str | Path, sweeps: dict | None = None) -> dict[str, Path]:
+    """Write results.json, results.md and the plots into ``output_dir``; returns their paths."""
+    from .hub import save_results_plot
+
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output / "results.json", "markdown": output / "results.md"}
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    markdown = results_markdown(results)
+    paths["plot"] = save_results_plot({"meta": results["meta"], "results": results["results"]},
+                                      output / "accuracy_vs_latency.png")
+    markdown += "\n![accuracy vs adaptation latency](accuracy_vs_latency.png)\n"
+    if sweeps:
+        paths["steps_plot"] = save_steps_plot(sweeps, output / "accuracy_vs_steps.png")
+        markdown += "\n![accuracy vs integration steps](accuracy_vs_steps.png)\n"
+    paths["markdown"].write_text(markdown)
+    return paths

@@ -1,0 +1,167 @@
+"""Episodic evaluation: CI, same episodes across methods, latency / memory fields, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import make_backbone, randomize_drift
+from PIL import Image
+
+from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
+from hf_hyperflow.episodes import ClassSplit
+from hf_hyperflow.evaluation import Evaluator, add_ratios, gain_fraction, measure_peak_memory, parse_method
+from hf_hyperflow.stats import mean_confidence_interval
+
+CLASSES = [f"class-{i:02d}" for i in range(10)]
+SPLIT = ClassSplit(train=tuple(CLASSES[:4]), validation=tuple(CLASSES[4:7]), test=tuple(CLASSES[7:]))
+SAMPLER = {"protocol": "fixed", "ways": 3, "shots": 2, "queries": 2, "split": "test", "class_split": SPLIT}
+
+
+def colour_dataset(per_class: int = 6) -> datasets.Dataset:
+    """Ten classes of 32 px images, each class a colour plus noise."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for label in range(len(CLASSES)):
+        colour = rng.integers(0, 255, 3)
+        for _ in range(per_class):
+            pixels = np.clip(colour + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            images.append(Image.fromarray(pixels))
+            labels.append(label)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return colour_dataset()
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    adapter = HyperFlowAdapter(make_backbone("vit"), HyperFlowConfig(steps=2))
+    randomize_drift(adapter)
+    return adapter
+
+
+def test_confidence_interval_on_known_samples():
+    mean, half = mean_confidence_interval([50.0, 60.0, 70.0, 80.0])
+    assert mean == 65.0
+    assert half == pytest.approx(1.96 * np.std([50, 60, 70, 80]) / 2)
+
+
+def test_parse_method_and_unknown_methods():
+    assert parse_method("hyperflow:rk4:4").integrator == "rk4"
+    assert parse_method("hyperflow:rk4:4").steps == 4
+    assert parse_method("ft-lora").groups == ("lora",)
+    with pytest.raises(ValueError, match=r"Unknown method 'ft-everything'.*'dt'"):
+        parse_method("ft-everything")
+    with pytest.raises(ValueError, match="integrator 'rk7' is unknown"):
+        parse_method("hyperflow:rk7:4")
+
+
+def test_same_episodes_for_every_method_and_fields(adapter, dataset):
+    evaluator = Evaluator(adapter, ["dt", "ft-shift", "ft-full", "hyperflow", "hyperflow:heun:2"], ft_steps=2,
+                          fixed_lr=1e-3, memory_episodes=1, progress=False)
+    out = evaluator.evaluate_dataset("colours", dataset, episodes=3, episodes_per_method={"ft-full": 2},
+                                     sampler_kwargs=SAMPLER)
+    rows = out["episode_rows"]
+    assert rows["dt"] == rows["hyperflow"] == rows["ft-shift"] == rows["hyperflow:heun:2"]
+    assert rows["ft-full"] == rows["dt"][:2], "fewer episodes come from the same seeded sequence"
+    methods = out["methods"]
+    assert methods["ft-full"]["episodes"] == 2 and methods["dt"]["episodes"] == 3
+    for row in methods.values():
+        assert 0 <= row["accuracy"] <= 100 and row["ci95"] >= 0
+        assert row["adapt_latency_s"] > 0 and row["query_latency_s"] > 0
+        assert row["peak_memory_bytes"] > 0
+        assert row["latency_vs_dt"] > 0 and row["latency_vs_ft_full"] > 0 and row["memory_vs_ft_full"] > 0
+    assert methods["dt"]["latency_vs_dt"] == pytest.approx(1.0)
+    # fine-tuning the whole backbone holds autograd buffers and Adam state: more memory than dt
+    assert methods["ft-full"]["peak_memory_bytes"] > methods["dt"]["peak_memory_bytes"]
+
+
+def test_peak_memory_counts_what_is_alive_together():
+    def two_alive():
+        a = torch.ones(1000, 1000)  # 4 MB
+        b = a * 2  # 4 MB while a is alive
+        return float(b.sum())
+
+    def one_at_a_time():
+        for _ in range(2):
+            a = torch.ones(1000, 1000)
+            del a
+
+    assert 8e6 <= measure_peak_memory(two_alive) < 9e6
+    assert 4e6 <= measure_peak_memory(one_at_a_time) < 5e6
+
+
+def test_ratios_and_gain_fraction():
+    summary = {"dt": {"accuracy": 50.0, "adapt_latency_s": 1.0, "peak_memory_bytes": 10},
+               "ft-full": {"accuracy": 70.0, "adapt_latency_s": 100.0, "peak_memory_bytes": 1000},
+               "ft-shift": {"accuracy": 60.0, "adapt_latency_s": 50.0, "peak_memory_bytes": 500},
+               "hyperflow": {"accuracy": 58.0, "adapt_latency_s": 1.5, "peak_memory_bytes": 20}}
+    add_ratios(summary)
+    assert summary["hyperflow"]["latency_vs_dt"] == 1.5
+    assert summary["hyperflow"]["latency_vs_ft_full"] == 0.015
+    assert summary["hyperflow"]["memory_vs_ft_full"] == 0.02
+    assert gain_fraction(summary) == pytest.approx(0.8)
+
+
+def test_validation_split_chooses_the_lr(adapter, dataset):
+    evaluator = Evaluator(adapter, ["ft-head"], ft_steps=2, lr_grid=[0.0, 1e-2], lr_episodes=2, progress=False,
+                          memory_episodes=0)
+    out = evaluator.evaluate_dataset("colours", dataset, episodes=1, sampler_kwargs=SAMPLER)
+    row = out["methods"]["ft-head"]
+    assert row["lr"] in (0.0, 1e-2)
+    assert set(row["lr_table"]) == {"0.0", "0.01"}
+
+
+def test_evaluate_cli_end_to_end(adapter, dataset, tmp_path):
+    from recipes.evaluate import main
+
+    backbone_dir = tmp_path / "backbone"
+    make_backbone("vit").save_pretrained(backbone_dir)
+    from transformers import AutoModel
+
+    trained = HyperFlowAdapter(AutoModel.from_pretrained(backbone_dir), HyperFlowConfig(steps=2))
+    randomize_drift(trained)
+    trained.save_pretrained(tmp_path / "adapter")
+    dataset.save_to_disk(str(tmp_path / "colours"))
+    SPLIT.save(tmp_path / "split.json")
+    results = main(["--backbone", str(backbone_dir), "--adapter", str(tmp_path / "adapter"),
+                    "--dataset", f"colours={tmp_path / 'colours'}", "--class-split", str(tmp_path / "split.json"),
+                    "--episodes", "2", "--ways", "3", "--shots", "2", "--queries", "2",
+                    "--methods", "dt,ft-head,hyperflow,hyperflow:rk4:1", "--ft-steps", "2", "--lr", "0.001",
+                    "--batch-tasks", "2", "--steps-sweep", "1,2", "--sweep-episodes", "1", "--no-progress",
+                    "--output", str(tmp_path / "out")])
+    for name in ("results.json", "results.md", "accuracy_vs_latency.png", "accuracy_vs_steps.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["results"]["colours"].keys() == {"dt", "ft-head", "hyperflow", "hyperflow:rk4:1"}
+    assert saved["batched_throughput"]["colours"]["tasks"] == 2
+    assert results["meta"]["command"].startswith("python recipes/evaluate.py --backbone")
+    from hf_hyperflow.hub import load_results
+
+    load_results(tmp_path / "out" / "results.json")  # the schema the model cards read
+
+
+def test_cli_bad_arguments(tmp_path, capsys):
+    from recipes.evaluate import main
+
+    with pytest.raises(SystemExit, match="Unknown method 'nope'"):
+        main(["--backbone", "x", "--dataset", "y", "--methods", "dt,nope", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="need --adapter"):
+        main(["--backbone", "x", "--dataset", "y", "--methods", "hyperflow", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"names \['ft-full'\], which are not in --methods"):
+        main(["--backbone", "x", "--dataset", "y", "--methods", "dt", "--episodes-per-method", "ft-full=3",
+              "--output", str(tmp_path)])
+
+
+def test_dataset_without_the_needed_split(adapter, dataset):
+    no_test = ClassSplit(train=tuple(CLASSES[:5]), validation=tuple(CLASSES[5:]), test=())
+    evaluator = Evaluator(adapter, ["dt"], progress=False)
+    with pytest.raises(ValueError, match="test"):
+        evaluator.evaluate_dataset("colours", dataset, episodes=1, sampler_kwargs={**SAMPLER, "class_split": no_test})
