@@ -207,7 +207,8 @@ class Evaluator:
                 record["query"].append(query_seconds)
                 rows[method.name].append(episode.indices)
                 if i < self.memory_episodes:
-                    record["memory"].append(measure_peak_memory(lambda m=method, e=episode: self._adapt(m, e, lr, i)))
+                    record["memory"].append(measure_peak_memory(
+                        lambda m=method, e=episode, r=lr, j=i: self._adapt(m, e, r, j)))
         summary = {}
         for method in self.methods:
             record = records[method.name]
