@@ -1,0 +1,684 @@
+"""Gradient fine-tuning of one few-shot task, as P>M>F does it at test time (Hu et al., CVPR 2022).
+
+Per task: start from theta_0, run ``steps`` Adam steps (betas 0.9 / 0.999, no weight decay, constant lr).
+Every step recomputes the class prototypes from the clean support images with the current weights (plus
+the head delta), turns the support set into a pseudo-query batch with DiffAugment (each image augmented
+with probability 0.9, from a seeded generator) and minimises the cross-entropy of the cosine prototype
+classifier ``scale * (cos(f, p_c) + bias)`` against the support labels.
+
+What is optimised (``groups``):
+
+- any mix of the adapter's state groups ``"lora"``, ``"shift"``, ``"head"``: a :class:`TaskState` of one
+  task is optimised directly through the tuner's task-delta layers, so fine-tuning and HyperFlow share
+  one parametrisation and a fine-tuning trajectory is a path in the drift network's state space; groups
+  not chosen stay at theta_0;
+- ``("full",)``: every backbone parameter. The backbone itself is never written to: the optimised
+  parameters are copies run through ``torch.func.functional_call``, and the adapted task keeps them.
+
+The backbone runs in eval mode (BatchNorm uses its running statistics and does not update them, dropout
+is off), so every image's features depend on that image and the weights only.
+
+Frozen-prefix cache: when the HyperFlow layers live only in the later blocks of the backbone (the config's
+``first_adapted_block``), the blocks before them do not change during fine-tuning. Their output for the
+clean support images is then computed once per task without autograd, and at every step those blocks are
+replaced by modules that return it (the embedding stem still runs); with ``augment_pool=N`` the
+pseudo-queries are drawn image by image from N augmented copies of the support made once per task, so
+their prefix output is cached too. The result is the same as without the cache up to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import AdaptedTask, HyperFlowAdapter, _HyperFlowEmbedder
+from .augment import diff_augment
+from .backbones import BACKBONE_TABLE, embed, model_type_of
+from .config import ADAPTED_GROUPS
+from .heads import class_prototypes, prototype_logits
+from .state import TaskState, parse_state_key, state_key
+from .tuner.layer import HyperFlowLayer
+
+__all__ = [
+    "DEFAULT_LR_GRID",
+    "FINETUNE_GROUPS",
+    "FineTuneResult",
+    "finetune",
+    "initial_state",
+    "query_accuracy",
+    "select_lr",
+]
+
+FINETUNE_GROUPS: tuple[str, ...] = (*ADAPTED_GROUPS, "full")
+DEFAULT_LR_GRID: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
+HEAD_KEY = state_key("head", "prototypes")
+
+
+@dataclass
+class FineTuneResult:
+    """What :func:`finetune` returns.
+
+    Attributes:
+        task: the adapted task (prototypes from the fine-tuned features of the clean support, plus the head
+            delta), ready for ``predict`` / ``logits``. For the state groups it carries the final state and
+            exports like a HyperFlow task; for ``"full"`` it embeds with its own copy of the fine-tuned
+            backbone parameters (the backbone object is unchanged) and has no state to export.
+        trajectory: ``TaskState`` with ``steps + 1`` snapshots theta_0 .. theta_K on the task axis (every
+            entry of the adapter's state, chosen groups or not), when ``record_trajectory`` was set; else None.
+        losses: the support cross-entropy at theta_0 .. theta_{K-1} (the loss each step descended); empty when
+            ``lr == 0`` (nothing moves, no step is run).
+        seconds: wall-clock time of the whole fine-tuning, caches and final prototypes included.
+        lr, steps, groups: the settings used.
+        prefix_cached: whether the frozen-prefix cache was used.
+    """
+
+    task: AdaptedTask
+    trajectory: TaskState | None
+    losses: list[float]
+    seconds: float
+    lr: float
+    steps: int
+    groups: tuple[str, ...]
+    prefix_cached: bool = False
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks
+# ------------------------------------------------------------------------------------------------
+def _check_groups(adapter: HyperFlowAdapter, groups) -> tuple[str, ...]:
+    if isinstance(groups, str):
+        groups = (groups,)
+    if not isinstance(groups, Iterable):
+        raise TypeError(f"groups must be a tuple of group names from {list(FINETUNE_GROUPS)}, got {groups!r}.")
+    groups = tuple(groups)
+    unknown = [g for g in groups if g not in FINETUNE_GROUPS]
+    if not groups or unknown:
+        raise ValueError(f"groups={groups!r} is not valid: pass a non-empty mix of {list(ADAPTED_GROUPS)}, or "
+                         f"('full',) for the whole backbone.")
+    if len(set(groups)) != len(groups):
+        raise ValueError(f"groups={groups!r} lists a group twice.")
+    if "full" in groups and len(groups) > 1:
+        raise ValueError(f"groups={groups!r}: 'full' fine-tunes every backbone parameter and cannot be mixed with "
+                         f"state groups; pass ('full',) alone.")
+    missing = [g for g in groups if g != "full" and g not in adapter.config.groups]
+    if missing:
+        raise ValueError(f"groups {missing} are not part of this adapter's state (its config has groups="
+                         f"{adapter.config.groups}); create the adapter with HyperFlowConfig(groups=[...]) including "
+                         f"them.")
+    return groups
+
+
+def _check_support(pixel_values, labels) -> int:
+    """Validate the support set; returns the number of classes C."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"support_pixel_values must be a float tensor [S, 3, H, W], got {type(pixel_values).__name__}"
+                        f"; turn PIL images into one with adapter.pixel_values(images).")
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"support_pixel_values must have shape [S, 3, H, W], got {tuple(pixel_values.shape)}.")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"support_pixel_values must be floating point, got {pixel_values.dtype}.")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype != torch.long:
+        raise TypeError("support_labels must be a LongTensor [S] of class indices 0..C-1"
+                        + (f", got {labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
+                           else f", got {type(labels).__name__}") + ".")
+    if labels.shape[0] != pixel_values.shape[0]:
+        raise ValueError(f"Got {pixel_values.shape[0]} support images but {labels.shape[0]} labels: give one label "
+                         f"per image.")
+    if labels.numel() == 0:
+        raise ValueError("The support set is empty: a task needs labelled support images.")
+    if int(labels.min()) < 0:
+        raise ValueError(f"support_labels must be 0..C-1, got {int(labels.min())}.")
+    num_classes = int(labels.max()) + 1
+    present = torch.bincount(labels.cpu(), minlength=num_classes)
+    empty = (present == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"support_labels must cover 0..C-1, but class(es) {empty[:10]} have no support image.")
+    if num_classes < 2:
+        raise ValueError("A task needs at least two classes, got one.")
+    return num_classes
+
+
+def _check_number(name: str, value, *, low: float, high: float = math.inf, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not (low <= value <= high) or (
+            not integer and not math.isfinite(value)):
+        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} {bounds}, got {value!r}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# theta_0
+# ------------------------------------------------------------------------------------------------
+def initial_state(adapter: HyperFlowAdapter, num_classes: int) -> TaskState:
+    """theta_0 of one task: every entry of the adapter's state with a task axis of 1.
+
+    LoRA A factors are the adapter's fixed random A_0, LoRA B and shifts are zero, and (when the adapter
+    has the head group) ``"head.prototypes:"`` is a zero ``Tensor[1, C, D]``.
+    """
+    _check_number("num_classes", num_classes, low=1, integer=True)
+    drift = adapter.drift
+    device, dtype = adapter._device_dtype()
+    tensors = {}
+    for entry in drift.entries:
+        if entry.group == "lora" and entry.param == "A":
+            tensors[entry.key] = drift.theta0(entry.key).to(device=device, dtype=dtype)[None].clone()
+        else:
+            tensors[entry.key] = torch.zeros(1, *entry.shape, device=device, dtype=dtype)
+    if "head" in adapter.config.groups:
+        tensors[HEAD_KEY] = torch.zeros(1, num_classes, adapter.config.feature_size, device=device, dtype=dtype)
+    return TaskState(tensors)
+
+
+def _check_state(adapter: HyperFlowAdapter, state: TaskState, num_classes: int) -> TaskState:
+    reference = initial_state(adapter, num_classes)
+    if not isinstance(state, TaskState):
+        raise TypeError(f"initial_state must be a TaskState, got {type(state).__name__}.")
+    if state.num_tasks != 1:
+        raise ValueError(f"initial_state must hold one task (task axis 1), got {state.num_tasks}.")
+    if set(state) != set(reference):
+        differing = sorted(set(state) ^ set(reference))
+        raise ValueError(f"initial_state does not have this adapter's entries; differing keys: {differing[:5]}. "
+                         f"Start from hf_hyperflow.finetune.initial_state(adapter, num_classes).")
+    for key, value in reference.items():
+        if state[key].shape != value.shape:
+            raise ValueError(f"initial_state[{key!r}] has shape {tuple(state[key].shape)}, expected "
+                             f"{tuple(value.shape)}.")
+    return TaskState({k: state[k].detach().to(reference[k]).clone() for k in reference})
+
+
+# ------------------------------------------------------------------------------------------------
+# Frozen-prefix cache
+# ------------------------------------------------------------------------------------------------
+class _Uncacheable(Exception):
+    """A block output this cache cannot slice by image (an unknown container or a batch it cannot split)."""
+
+
+class _StopForward(Exception):
+    """Raised by a hook to stop a forward pass once the prefix output is captured."""
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    rows_per_image: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _map_leaves(fn: Callable, structure, leaf_type=torch.Tensor):
+    """Apply ``fn`` to every ``leaf_type`` leaf of nested tuples / lists; other scalars are kept."""
+    if isinstance(structure, leaf_type):
+        return fn(structure)
+    if isinstance(structure, (tuple, list)) and not hasattr(structure, "_fields"):
+        return type(structure)(_map_leaves(fn, s, leaf_type) for s in structure)
+    if structure is None or isinstance(structure, (bool, int, float, str)):
+        return structure
+    raise _Uncacheable(f"block outputs of type {type(structure).__name__} are not supported")
+
+
+def _zip_leaves(fn: Callable, structures: list):
+    """``fn([leaf_1, leaf_2, ...])`` over the tensor leaves of structures of the same shape."""
+    first = structures[0]
+    if isinstance(first, torch.Tensor):
+        return fn(structures)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_zip_leaves(fn, list(parts)) for parts in zip(*structures, strict=True))
+    return first
+
+
+def _rows_per_image(tensor: torch.Tensor, num_images: int) -> int:
+    if tensor.dim() == 0 or tensor.shape[0] % num_images:
+        raise _Uncacheable(f"a block output of shape {tuple(tensor.shape)} has no batch axis over {num_images} images")
+    return tensor.shape[0] // num_images
+
+
+def _select_images(structure, images: torch.Tensor, num_images: int):
+    """The rows of the given images (``LongTensor[n]``) of every tensor in a block output of ``num_images``."""
+    def pick(tensor):
+        per = _rows_per_image(tensor, num_images)
+        rows = (images.to(tensor.device)[:, None] * per + torch.arange(per, device=tensor.device)).flatten()
+        return tensor.index_select(0, rows)
+    return _map_leaves(pick, structure)
+
+
+def _innermost_blocks(backbone: nn.Module) -> list[str]:
+    """Names of the backbone's blocks (the table's block pattern), innermost only, in module order."""
+    spec = BACKBONE_TABLE.get(model_type_of(backbone))
+    if spec is None:
+        return []
+    pattern = re.compile(spec.block_pattern)
+    names = []
+    for name, _ in backbone.named_modules():
+        match = pattern.search(name + ".") if name else None
+        if match and match.group(1) == name:
+            names.append(name)
+    return [n for n in names if not any(other.startswith(n + ".") for other in names)]
+
+
+class _FrozenPrefix:
+    """The blocks that come before the first HyperFlow layer, and their cached output.
+
+    ``compute(pixel_values)`` runs the backbone up to the last frozen block without autograd and returns
+    that block's output; inside ``replaced(output)`` the frozen blocks do not run: the last one returns
+    ``output`` and the earlier ones return zero placeholders of their usual shape (expanded, no memory).
+    """
+
+    def __init__(self, backbone: nn.Module, blocks: list[tuple[str, nn.Module]]):
+        self.backbone = backbone
+        self.blocks = blocks
+        self._specs: dict[str, object] | None = None
+
+    @classmethod
+    def find(cls, backbone: nn.Module) -> _FrozenPrefix | None:
+        blocks = _innermost_blocks(backbone)
+        if not blocks:
+            return None
+        modules = dict(backbone.named_modules())
+        first_layer = next((n for n, m in backbone.named_modules() if isinstance(m, HyperFlowLayer)), None)
+        if first_layer is None:
+            return None
+        order = {name: i for i, (name, _) in enumerate(backbone.named_modules())}
+        frozen = [b for b in blocks if order[b] < order[first_layer] and not first_layer.startswith(b + ".")]
+        # Every module of a frozen block must come before the first HyperFlow layer.
+        frozen = [b for b in frozen if not any(isinstance(m, HyperFlowLayer) for m in modules[b].modules())]
+        if not frozen:
+            return None
+        return cls(backbone, [(b, modules[b]) for b in frozen])
+
+    @property
+    def last(self) -> nn.Module:
+        return self.blocks[-1][1]
+
+    @torch.no_grad()
+    def compute(self, pixel_values: torch.Tensor):
+        """The last frozen block's output for ``pixel_values`` (nested tuples of tensors, rows image-major)."""
+        num_images = pixel_values.shape[0]
+        captured: dict[str, object] = {}
+        handles = []
+
+        def keep(name, stop):
+            def hook(module, args, output):
+                captured[name] = output
+                if stop:
+                    raise _StopForward
+            return hook
+
+        for i, (name, module) in enumerate(self.blocks):
+            if i == len(self.blocks) - 1 or self._specs is None:
+                handles.append(module.register_forward_hook(keep(name, i == len(self.blocks) - 1)))
+        try:
+            embed(self.backbone, pixel_values)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        last_name = self.blocks[-1][0]
+        if last_name not in captured:
+            raise _Uncacheable("the last frozen block did not run")
+        if self._specs is None:
+            self._specs = {
+                name: _map_leaves(lambda t: _TensorSpec(_rows_per_image(t, num_images), tuple(t.shape[1:]), t.dtype,
+                                                        t.device), captured[name])
+                for name, _ in self.blocks[:-1]
+            }
+        output = captured[last_name]
+        _map_leaves(lambda t: _rows_per_image(t, num_images), output)
+        return _map_leaves(torch.Tensor.detach, output)
+
+    @contextlib.contextmanager
+    def replaced(self, output, num_images: int):
+        """Within the block, the frozen blocks return ``output`` (the last) or placeholders (the others)."""
+        def constant(value):
+            return lambda *args, **kwargs: value
+
+        patched = []
+        try:
+            for name, module in self.blocks[:-1]:
+                placeholder = _map_leaves(
+                    lambda s: torch.zeros((), dtype=s.dtype, device=s.device).expand(s.rows_per_image * num_images,
+                                                                                    *s.shape),
+                    self._specs[name], _TensorSpec)
+                module.forward = constant(placeholder)
+                patched.append(module)
+            self.last.forward = constant(output)
+            patched.append(self.last)
+            yield
+        finally:
+            for module in patched:
+                if "forward" in module.__dict__:
+                    del module.forward
+
+
+# ------------------------------------------------------------------------------------------------
+# Full-backbone fine-tuning
+# ------------------------------------------------------------------------------------------------
+class _EmbedModule(nn.Module):
+    """``embed(backbone, pixel_values)`` as a module, so that torch.func.functional_call can swap weights."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return embed(self.backbone, pixel_values)
+
+
+class _FunctionalEmbedder:
+    """Features of the backbone with the given parameters in place of its own (the backbone is not changed).
+
+    ``parameters``: ``name -> tensor`` with the backbone's parameter names.
+    """
+
+    def __init__(self, backbone: nn.Module, parameters: dict[str, torch.Tensor]):
+        self.module = _EmbedModule(backbone)
+        self.parameters = {f"backbone.{k}": v for k, v in parameters.items()}
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.module, self.parameters, (pixel_values,))
+
+    @property
+    def peft_model(self):
+        raise ValueError("This task fine-tuned every backbone parameter: it is not an adapter and cannot be saved as "
+                         "a PEFT LoRA adapter. Fine-tune with groups such as ('lora', 'shift', 'head') to export.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning
+# ------------------------------------------------------------------------------------------------
+def _support_loss(query_features, support_features, labels, num_classes, head, scale, bias):
+    prototypes = class_prototypes(support_features, labels, num_classes)
+    if head is not None:
+        prototypes = prototypes + head
+    return F.cross_entropy(prototype_logits(query_features, prototypes, scale, bias), labels)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def finetune(
+    adapter: HyperFlowAdapter,
+    support_pixel_values: torch.Tensor,
+    support_labels: torch.Tensor,
+    *,
+    groups: Sequence[str] = ("lora", "shift", "head"),
+    steps: int = 50,
+    lr: float = 1e-3,
+    seed: int = 0,
+    augment_probability: float = 0.9,
+    record_trajectory: bool = False,
+    augment_pool: int | None = None,
+    prefix_cache: bool | None = None,
+    initial: TaskState | None = None,
+    classes: Sequence | None = None,
+) -> FineTuneResult:
+    """Fine-tune one task by gradient descent (the P>M>F protocol; see the module docstring).
+
+    Args:
+        adapter: the HyperFlowAdapter whose backbone, state parametrisation, theta_0 and classifier scale /
+            bias are used (the drift network is not).
+        support_pixel_values: ``Tensor[S, 3, H, W]`` on the backbone's device.
+        support_labels: ``LongTensor[S]`` in ``0..C-1``, every class present.
+        groups: what is optimised: a mix of the adapter's ``"lora"``, ``"shift"``, ``"head"``, or ``("full",)``.
+        steps: K, the number of Adam steps.
+        lr: the constant learning rate; 0 runs no step (theta stays theta_0).
+        seed: seed of the DiffAugment generator (and of the pool draws).
+        augment_probability: chance that a pseudo-query image is augmented.
+        record_trajectory: keep the snapshots theta_0 .. theta_K (state groups only).
+        augment_pool: draw each step's pseudo-queries image by image from this many augmented copies of the
+            support made once per task (their frozen-prefix output is then cached too); None: augment anew at
+            every step.
+        prefix_cache: use the frozen-prefix cache; None: whenever the backbone has blocks before its first
+            HyperFlow layer (and the groups are not ``"full"``); True: require it.
+        initial: the starting state (``TaskState`` of one task with every entry of
+            :func:`initial_state`), e.g. theta_0 plus noise; default theta_0.
+        classes: the task's class names, in label order (default ``0..C-1``).
+
+    Returns:
+        A :class:`FineTuneResult`.
+
+    Raises:
+        TypeError / ValueError: bad inputs (shapes, labels, groups, numbers), before any work.
+    """
+    if not isinstance(adapter, HyperFlowAdapter):
+        raise TypeError(f"adapter must be a HyperFlowAdapter, got {type(adapter).__name__}.")
+    groups = _check_groups(adapter, groups)
+    num_classes = _check_support(support_pixel_values, support_labels)
+    _check_number("steps", steps, low=1, integer=True)
+    _check_number("lr", lr, low=0.0)
+    _check_number("seed", seed, low=0, integer=True)
+    _check_number("augment_probability", augment_probability, low=0.0, high=1.0)
+    if augment_pool is not None:
+        _check_number("augment_pool", augment_pool, low=1, integer=True)
+    full = groups == ("full",)
+    if full and record_trajectory:
+        raise ValueError("record_trajectory needs state groups (lora / shift / head); a full-backbone trajectory is "
+                         "not a path in the adapter's state space.")
+    if full and initial is not None:
+        raise ValueError("initial applies to the state groups; full-backbone fine-tuning starts from the backbone.")
+    if full and prefix_cache:
+        raise ValueError("prefix_cache=True is not possible with groups=('full',): every block is trained.")
+    if classes is not None:
+        classes = list(classes)
+        if len(classes) != num_classes:
+            raise ValueError(f"classes has {len(classes)} names but the labels have {num_classes} classes.")
+    else:
+        classes = list(range(num_classes))
+    device, dtype = adapter._device_dtype()
+    if support_pixel_values.device != device:
+        raise ValueError(f"support_pixel_values is on {support_pixel_values.device} but the backbone is on {device}: "
+                         f"move it with .to({str(device)!r}).")
+    state0 = _check_state(adapter, initial, num_classes) if initial is not None else (
+        None if full else initial_state(adapter, num_classes))
+
+    backbone = adapter.backbone
+    with _eval_mode(backbone):
+        return _run(adapter, backbone, support_pixel_values.to(dtype), support_labels.to(device), num_classes, classes,
+                    groups, steps, float(lr), seed, float(augment_probability), record_trajectory, augment_pool,
+                    prefix_cache, state0)
+
+
+def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps, lr, seed, probability,
+         record_trajectory, augment_pool, prefix_cache, state0) -> FineTuneResult:
+    start = time.perf_counter()
+    full = groups == ("full",)
+    support_size = pixels.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    scale = adapter.drift.logit_scale.detach()
+    bias = adapter.drift.logit_bias.detach()
+    trained_backbone = full or bool({"lora", "shift"} & set(groups))
+
+    # What is optimised.
+    if full:
+        parameters = {name: p.detach().clone().requires_grad_(True) for name, p in backbone.named_parameters()}
+        functional = _FunctionalEmbedder(backbone, parameters)
+        leaves = list(parameters.values())
+        state = None
+    else:
+        chosen = set(groups)
+        state = {k: (v.clone().requires_grad_(True) if parse_state_key(k)[0] in chosen else v)
+                 for k, v in state0.items()}
+        leaves = [v for k, v in state.items() if parse_state_key(k)[0] in chosen]
+
+    def delta_state() -> TaskState:
+        # Entries at theta_0 outside the chosen groups add exactly zero: leave them out of the forward pass.
+        return TaskState({k: v for k, v in state.items()
+                          if k != HEAD_KEY and (parse_state_key(k)[0] in groups)})
+
+    # Frozen prefix.
+    prefix = None
+    if not full and prefix_cache is not False:
+        prefix = _FrozenPrefix.find(backbone)
+        if prefix is None and prefix_cache:
+            raise ValueError("prefix_cache=True, but this backbone has no block before its first HyperFlow layer; set "
+                             "HyperFlowConfig(first_adapted_block=...) to adapt only the last blocks.")
+    clean_prefix = None
+    if prefix is not None:
+        try:
+            clean_prefix = prefix.compute(pixels)
+        except _Uncacheable as error:
+            if prefix_cache:
+                raise ValueError(f"prefix_cache=True, but the frozen prefix cannot be cached: {error}.") from None
+            prefix = None
+
+    def features(batch: torch.Tensor, cached) -> torch.Tensor:
+        """``Tensor[B, D]`` with the current weights; ``cached``: the batch's frozen-prefix output or None."""
+        with contextlib.ExitStack() as stack:
+            if cached is not None:
+                stack.enter_context(prefix.replaced(cached, batch.shape[0]))
+            if full:
+                return functional(batch)
+            delta = delta_state()
+            if len(delta):
+                stack.enter_context(adapter.tuner.task_deltas(delta, [batch.shape[0]]))
+            return embed(backbone, batch)
+
+    def concat(a, b):
+        return _zip_leaves(torch.cat, [a, b])
+
+    # Pseudo-query pool.
+    pool = pool_prefix = None
+    if augment_pool is not None:
+        pool = torch.cat([diff_augment(pixels, generator, probability) for _ in range(augment_pool)])
+        if prefix is not None:
+            parts = [prefix.compute(copy) for copy in pool.split(support_size)]
+            pool_prefix = _zip_leaves(torch.cat, parts)
+
+    clean_features = None
+    if not trained_backbone:  # the backbone is fixed: clean features once
+        with torch.no_grad():
+            clean_features = features(pixels, clean_prefix)
+
+    snapshots = []
+    losses: list[float] = []
+
+    def snapshot():
+        snapshots.append(TaskState({k: v.detach().clone() for k, v in state.items()}))
+
+    if record_trajectory:
+        snapshot()
+    optimizer = torch.optim.Adam(leaves, lr=lr, betas=(0.9, 0.999), weight_decay=0.0) if lr > 0 else None
+    image_index = torch.arange(support_size)
+    for _ in range(steps if lr > 0 else 0):
+        if pool is None:
+            pseudo = diff_augment(pixels, generator, probability)
+            pseudo_prefix = prefix.compute(pseudo) if prefix is not None else None
+        else:
+            rows = torch.randint(augment_pool, (support_size,), generator=generator) * support_size + image_index
+            pseudo = pool.index_select(0, rows.to(pool.device))
+            pseudo_prefix = (_select_images(pool_prefix, rows, pool.shape[0]) if pool_prefix is not None else None)
+        if trained_backbone:
+            both = features(torch.cat([pixels, pseudo]),
+                            concat(clean_prefix, pseudo_prefix) if prefix is not None else None)
+            support_features, query_features = both[:support_size], both[support_size:]
+        else:
+            with torch.no_grad():
+                query_features = features(pseudo, pseudo_prefix)
+            support_features = clean_features
+        head = state[HEAD_KEY][0] if state is not None and HEAD_KEY in state else None
+        loss = _support_loss(query_features, support_features, labels, num_classes, head, scale, bias)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if record_trajectory:
+            snapshot()
+    if record_trajectory and lr == 0:
+        snapshots.extend(snapshots[:1] * steps)
+
+    # The adapted task.
+    with torch.no_grad():
+        final_features = clean_features if clean_features is not None else features(pixels, clean_prefix)
+        prototypes = class_prototypes(final_features, labels, num_classes)
+        if full:
+            final = {k: v.detach() for k, v in parameters.items()}
+            task = AdaptedTask(_FunctionalEmbedder(backbone, final), prototypes, scale.clone(), bias.clone(), classes,
+                               adapter.image_processor)
+        else:
+            final_state = TaskState({k: v.detach().clone() for k, v in state.items()})
+            if HEAD_KEY in final_state:
+                prototypes = prototypes + final_state[HEAD_KEY][0]
+            task = AdaptedTask(_HyperFlowEmbedder(adapter.tuner, final_state), prototypes, scale.clone(), bias.clone(),
+                               classes, adapter.image_processor, state=final_state, tuner=adapter.tuner,
+                               config=adapter.config)
+    trajectory = TaskState.cat(snapshots) if record_trajectory else None
+    return FineTuneResult(task=task, trajectory=trajectory, losses=losses, seconds=time.perf_counter() - start, lr=lr,
+                          steps=steps, groups=groups, prefix_cached=prefix is not None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation and lr selection
+# ------------------------------------------------------------------------------------------------
+def query_accuracy(task: AdaptedTask, query_pixel_values: torch.Tensor, query_labels: torch.Tensor) -> float:
+    """Fraction of the query images (``Tensor[Q, 3, H, W]``, labels ``LongTensor[Q]``) the task classifies right."""
+    if query_labels.dim() != 1 or query_labels.shape[0] != query_pixel_values.shape[0]:
+        raise ValueError(f"Got {query_pixel_values.shape[0]} query images but labels of shape "
+                         f"{tuple(query_labels.shape)}: give one label per image.")
+    predictions = task.logits(query_pixel_values).argmax(-1)
+    return float((predictions.cpu() == query_labels.cpu()).float().mean())
+
+
+def select_lr(
+    adapter: HyperFlowAdapter,
+    episodes: Sequence,
+    *,
+    groups: Sequence[str] = ("lora", "shift", "head"),
+    grid: Sequence[float] = DEFAULT_LR_GRID,
+    steps: int = 50,
+    seed: int = 0,
+    **finetune_kwargs,
+) -> tuple[float, dict[float, float]]:
+    """Choose the learning rate of a domain from validation episodes (P>M>F: 5 episodes, grid {0, 1e-4, 1e-3, 1e-2}).
+
+    Args:
+        adapter: the adapter to fine-tune with.
+        episodes: objects with ``support_images``, ``support_labels``, ``query_images``, ``query_labels``
+            (images: PIL lists or pixel tensors; e.g. :class:`hf_hyperflow.episodes.Episode`).
+        groups, steps: as in :func:`finetune`; episode ``j`` is fine-tuned with seed ``seed + j``.
+        grid: the learning rates to try.
+        finetune_kwargs: further keyword arguments of :func:`finetune`.
+
+    Returns:
+        ``(best_lr, table)``: ``table[lr]`` is the mean query accuracy over the episodes; the best is the
+        highest, ties going to the lr listed first in ``grid``.
+    """
+    episodes = list(episodes)
+    if not episodes:
+        raise ValueError("select_lr needs at least one validation episode.")
+    grid = list(grid)
+    if not grid:
+        raise ValueError("grid must list at least one learning rate.")
+    for lr in grid:
+        _check_number("every lr of the grid", lr, low=0.0)
+    for name in ("support_images", "support_labels", "query_images", "query_labels"):
+        if any(not hasattr(e, name) for e in episodes):
+            raise TypeError(f"every episode needs a {name!r} attribute (e.g. hf_hyperflow.episodes.Episode).")
+    _check_groups(adapter, groups)
+    device = adapter._device_dtype()[0]
+    prepared = [(adapter.pixel_values(e.support_images), torch.as_tensor(e.support_labels).to(device),
+                 adapter.pixel_values(e.query_images), torch.as_tensor(e.query_labels)) for e in episodes]
+    table: dict[float, float] = {}
+    for lr in grid:
+        accuracies = []
+        for j, (support, labels, query, query_labels) in enumerate(prepared):
+            result = finetune(adapter, support, labels, groups=groups, steps=steps, lr=lr, seed=seed + j,
+                              **finetune_kwargs)
+            accuracies.append(query_accuracy(result.task, query, query_labels))
+        table[float(lr)] = sum(accuracies) / len(accuracies)
+    best = max(table, key=lambda lr: (table[lr], -grid.index(lr)))
+    return best, table
