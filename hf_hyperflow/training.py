@@ -95,6 +95,8 @@ TRACKERS = ("tensorboard", "trackio")
 ADAPTER_FIELDS = ("groups", "r", "lora_alpha", "target_modules", "shift_modules", "exclude_modules",
                   "first_adapted_block", "integrator", "steps", "hidden_size", "time_embedding_size",
                   "module_embedding_size", "output_rank", "state_projection_size", "image_size", "init_seed")
+# Backbones that can be written to a folder offline (hf_hyperflow.pretrained).
+BACKBONE_BUILDERS = ("efficientnet_lite0",)
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 
@@ -107,6 +109,8 @@ class BackboneSection:
     """The frozen backbone: a folder or Hub id (``path``), or a small random one built from a config."""
 
     path: str | None = field(default=None, metadata={"help": "Folder or Hub id of a transformers vision backbone."})
+    build: str | None = field(default=None, metadata={
+        "help": f"Write the folder `path` first when it does not exist, with a builder of {list(BACKBONE_BUILDERS)}."})
     random_init: dict | None = field(default=None, metadata={
         "help": "Build a randomly initialised backbone instead: {model_type: ..., seed: 0, <config fields>}. "
                 "It is saved to <output_dir>/backbone so that the trained adapter can be loaded onto it."})
@@ -504,8 +508,14 @@ def validate_config(config: TrainConfig) -> None:
                          "({model_type: ..., <config fields>}).")
     if backbone.random_init is not None and not isinstance(backbone.random_init.get("model_type"), str):
         raise ValueError("backbone.random_init.model_type is missing: name the transformers model_type to build.")
-    if backbone.path is not None and _looks_local(backbone.path) and not Path(backbone.path).expanduser().exists():
-        raise ValueError(f"backbone.path: {backbone.path} does not exist (a local folder was expected).")
+    if backbone.build is not None and backbone.build not in BACKBONE_BUILDERS:
+        raise ValueError(f"backbone.build must be one of {list(BACKBONE_BUILDERS)}, got {backbone.build!r}.")
+    if backbone.build is not None and backbone.path is None:
+        raise ValueError("backbone.build needs backbone.path: the folder to write the backbone to.")
+    if (backbone.path is not None and backbone.build is None and _looks_local(backbone.path)
+            and not Path(backbone.path).expanduser().exists()):
+        raise ValueError(f"backbone.path: {backbone.path} does not exist (a local folder was expected; set "
+                         f"backbone.build: efficientnet_lite0 to write the pretrained EfficientNet-Lite0 there).")
     # adapter
     adapter = config.adapter
     if adapter.pretrained is not None:
@@ -1015,6 +1025,12 @@ def _build_backbone(config: TrainConfig, output_dir: Path, accelerator):
 
     section = config.backbone
     if section.path is not None:
+        if section.build is not None:
+            from .pretrained import build_efficientnet_lite0
+
+            with accelerator.main_process_first():
+                if accelerator.is_main_process and not Path(section.path).exists():
+                    build_efficientnet_lite0(section.path)
         return AutoModel.from_pretrained(section.path), section.path
     settings = dict(section.random_init)
     model_type = settings.pop("model_type")
@@ -1520,6 +1536,12 @@ def _make_accelerator(config: TrainConfig, output_dir: Path, cpu: bool | None):
         cpu=use_cpu, mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
         log_with=run.report_to, project_config=ProjectConfiguration(project_dir=str(output_dir)),
         kwargs_handlers=handlers)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ValueError(f"{accelerator.distributed_type.value} is not supported: the trained module is the drift "
+                         f"network alone (a few MB) and the frozen backbone is not trained, so there is nothing for it "
+                         f"to shard. Launch with DDP (accelerate launch --multi_gpu, or distributed_type: MULTI_GPU).")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: they "

@@ -295,6 +295,22 @@ def test_smoke_config_is_valid_and_overrides_apply():
     assert config.backbone.random_init["model_type"] == "resnet" and config.adapter.config["first_adapted_block"] == -1
 
 
+def test_efficientnet_lite0_config_is_valid():
+    config = load_config(ROOT / "recipes" / "configs" / "efficientnet_lite0.yaml")
+    assert config.backbone.build == "efficientnet_lite0" and config.adapter.config["image_size"] == 64
+    assert config.losses.unrolled > 0 and config.losses.flow > 0 and config.flow.generate.episodes >= 100
+
+
+@pytest.mark.parametrize("name", ["cpu_2proc", "single_gpu", "multi_gpu", "multi_node"])
+def test_accelerate_launch_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "recipes" / "configs" / "accelerate" / f"{name}.yaml"))
+    expected = {"cpu_2proc": ("MULTI_GPU", True, 2, 1), "single_gpu": ("NO", False, 1, 1),
+                "multi_gpu": ("MULTI_GPU", False, 8, 1), "multi_node": ("MULTI_GPU", False, 16, 2)}[name]
+    assert (config.distributed_type.value, config.use_cpu, config.num_processes, config.num_machines) == expected
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"optimizer.lrr": 0.1}, "Unknown key 'optimizer.lrr'"),
     ({"trainer": {"steps": 3}}, "Unknown key 'trainer'"),
@@ -374,6 +390,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, synthetic_d
                                                                                            "step_0000004"]
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run: pass --resume"):
         train(config)
+    partial = train(config, resume=True, max_steps_this_run=1)  # a time-limited job: one step, then a checkpoint
+    assert partial.step == 5 and partial.final_dir is None
+    assert (tmp_path / "crashed" / "checkpoints" / "step_0000005" / "trainer_state.json").is_file()
     resumed = train(config, resume=True)
     assert resumed.step == 6
 
@@ -412,8 +431,8 @@ def test_bf16_run_writes_a_loadable_adapter(tmp_path, synthetic_dataset):
 
 @pytest.mark.slow
 def test_smoke_config_on_two_processes_through_accelerate_launch(tmp_path):
-    """recipes/configs/smoke.yaml through `accelerate launch` with two gloo processes, on a slice of glyphs_default
-    built by the data builder; compared with the same run in one process."""
+    """recipes/configs/smoke.yaml through `accelerate launch` (recipes/configs/accelerate/cpu_2proc.yaml: two gloo
+    processes) on a slice of glyphs_default built by the data builder; compared with the same run in one process."""
     sys.path.insert(0, str(ROOT))
     from recipes.data import glyphs_default
 
@@ -424,8 +443,8 @@ def test_smoke_config_on_two_processes_through_accelerate_launch(tmp_path):
                  "--flow.generate.steps", "4", "--training.log_episodes", "true", "--flow.generate.output",
                  str(tmp_path / "trajectories")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "recipes" / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port",
                str(29500 + os.getpid() % 1000), str(ROOT / "recipes" / "train.py"), "--config", str(SMOKE), "--cpu",
                "--output_dir", str(tmp_path / "two"), *overrides]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
