@@ -98,6 +98,7 @@ ADAPTER_FIELDS = ("groups", "r", "lora_alpha", "target_modules", "shift_modules"
 # Backbones that can be written to a folder offline (hf_hyperflow.pretrained).
 BACKBONE_BUILDERS = ("efficientnet_lite0",)
 CHECKPOINT_DIR = "checkpoints"
+EPISODE_SHAPE = ("protocol", "ways", "shots", "queries")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -145,6 +146,9 @@ class DatasetSection:
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: the only Image one)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
     weight: float = field(default=1.0, metadata={"help": "Relative frequency of this dataset's training episodes."})
+    episodes: dict | None = field(default=None, metadata={
+        "help": "This dataset's own protocol / ways / shots / queries, replacing those of the episodes section "
+                "(e.g. {shots: 1, queries: 3} for a dataset with 4 images per class)."})
 
 
 @dataclass
@@ -566,22 +570,19 @@ def validate_config(config: TrainConfig) -> None:
                                  f"episodes; or set validation.episodes: 0).")
         elif entry.class_split is not None and not isinstance(entry.class_split, str):
             raise TypeError(f"{key}.class_split must be null, a file path or a mapping, got {entry.class_split!r}.")
+        if entry.episodes is not None:
+            unknown = sorted(set(entry.episodes) - set(EPISODE_SHAPE))
+            if unknown:
+                raise ValueError(f"Unknown key '{key}.episodes.{unknown[0]}'; a dataset's episodes take "
+                                 f"{list(EPISODE_SHAPE)}.")
+            _check_episode_shape(episode_shape(config, entry), f"{key}.episodes")
         names.append(dataset_name(entry))
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"datasets: two datasets are named {duplicates[0]!r}; give them distinct `name`s.")
     # episodes
-    episodes = config.episodes
-    if episodes.protocol not in ("fixed", "md"):
-        raise ValueError(f"episodes.protocol must be 'fixed' or 'md', got {episodes.protocol!r}.")
-    if episodes.protocol == "fixed":
-        for name, low in (("ways", 2), ("shots", 1), ("queries", 1)):
-            if getattr(episodes, name) is not None:
-                _check_int(getattr(episodes, name), f"episodes.{name}", low)
-    elif any(v is not None for v in (episodes.ways, episodes.shots, episodes.queries)):
-        raise ValueError("episodes: the md protocol draws ways, shots and queries itself; set episodes.ways, "
-                         "episodes.shots and episodes.queries to null.")
-    _check_int(episodes.seed, "episodes.seed", 0)
+    _check_episode_shape({name: getattr(config.episodes, name) for name in EPISODE_SHAPE}, "episodes")
+    _check_int(config.episodes.seed, "episodes.seed", 0)
     # losses
     _check_number(config.losses.unrolled, "losses.unrolled", 0.0)
     _check_number(config.losses.flow, "losses.flow", 0.0)
@@ -650,6 +651,18 @@ def validate_config(config: TrainConfig) -> None:
         if importlib.util.find_spec(run.report_to) is None:
             raise ValueError(f"training.report_to: {run.report_to!r} is not installed (pip install {run.report_to}), "
                              f"or set training.report_to: null.")
+
+
+def _check_episode_shape(shape: dict, key: str) -> None:
+    if shape["protocol"] not in ("fixed", "md"):
+        raise ValueError(f"{key}.protocol must be 'fixed' or 'md', got {shape['protocol']!r}.")
+    if shape["protocol"] == "fixed":
+        for name, low in (("ways", 2), ("shots", 1), ("queries", 1)):
+            if shape[name] is not None:
+                _check_int(shape[name], f"{key}.{name}", low)
+    elif any(shape[name] is not None for name in ("ways", "shots", "queries")):
+        raise ValueError(f"{key}: the md protocol draws ways, shots and queries itself; set {key}.ways, "
+                         f"{key}.shots and {key}.queries to null.")
 
 
 def _data_builders() -> dict | None:
@@ -1165,14 +1178,23 @@ def _prepare_sources(config: TrainConfig, accelerator, output_dir: Path) -> list
     return sources
 
 
+def episode_shape(config: TrainConfig, entry: DatasetSection) -> dict:
+    """``protocol``, ``ways``, ``shots``, ``queries`` of one dataset's episodes: its own, else the config's."""
+    shape = {name: getattr(config.episodes, name) for name in EPISODE_SHAPE}
+    if entry.episodes:
+        if entry.episodes.get("protocol") == "md":
+            shape.update(ways=None, shots=None, queries=None)
+        shape.update(entry.episodes)
+    return shape
+
+
 def _sampler(source: _Source, config: TrainConfig, split: str, seed: int, num_episodes: int, transform, key: str,
              rank: int = 0, world_size: int = 1):
     from .episodes import EpisodeSampler
 
-    episodes = config.episodes
+    shape = episode_shape(config, source.entry)
     try:
-        return EpisodeSampler(source.dataset, protocol=episodes.protocol, ways=episodes.ways, shots=episodes.shots,
-                              queries=episodes.queries, seed=seed, split=split, class_split=source.class_split,
+        return EpisodeSampler(source.dataset, **shape, seed=seed, split=split, class_split=source.class_split,
                               image_column=source.entry.image_column, label_column=source.label_column,
                               num_episodes=num_episodes, image_transform=transform, rank=rank, world_size=world_size)
     except (ValueError, TypeError) as error:
@@ -1372,9 +1394,7 @@ def _generate_trajectories(config: TrainConfig, adapter, sources: list[_Source],
         sampler = _sampler(source, config, "train", generate.seed, generate.episodes, transform, f"datasets[{k}]")
         description = {"source": source.entry.source, "hub_split": source.entry.hub_split,
                        "max_classes": source.entry.max_classes, "split": "train",
-                       "protocol": config.episodes.protocol, "ways": config.episodes.ways,
-                       "shots": config.episodes.shots, "queries": config.episodes.queries,
-                       "episode_seed": generate.seed, "class_split": str(source.class_split_file)}
+                       **episode_shape(config, source.entry), "episode_seed": generate.seed, "class_split": str(source.class_split_file)}
         done = (folder / "store.json").is_file() and len(TrajectoryStore(folder)) >= generate.episodes * generate.inits
         if not done:
             record_trajectories(

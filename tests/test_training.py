@@ -429,6 +429,32 @@ def test_bf16_run_writes_a_loadable_adapter(tmp_path, synthetic_dataset):
     assert json.loads((result.best_dir / "metrics.json").read_text())["step"] == result.best_step
 
 
+def test_two_datasets_with_their_own_episode_shapes_and_weights(tmp_path, synthetic_dataset):
+    from hf_hyperflow.training import EpisodeMix
+
+    data = tiny_config(tmp_path / "run", synthetic_dataset, **{
+        "losses.flow": 0.0, "flow.generate": None, "training.max_steps": 2, "validation.every": 2,
+        "datasets": [{"source": synthetic_dataset, "name": "three_way", "class_split": {"fractions": [0.6, 0.4, 0.0]}},
+                     {"source": synthetic_dataset, "name": "two_way_one_shot", "weight": 3.0, "max_classes": 8,
+                      "class_split": {"fractions": [0.5, 0.5, 0.0], "seed": 1},
+                      "episodes": {"ways": 2, "shots": 1, "queries": 2}}]})
+    result = train(config_from_dict(data))
+    last = result.metrics["validations"][-1]
+    assert last["three_way"]["episodes"] == 4 and last["two_way_one_shot"]["episodes"] == 4
+    assert last["accuracy"] == pytest.approx((last["three_way"]["accuracy"] + last["two_way_one_shot"]["accuracy"]) / 2)
+    splits = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "run" / "class_splits").iterdir()}
+    assert len(splits["two_way_one_shot"]["train"]) == 4 and len(splits["three_way"]["train"]) == 7
+
+    class Sampler(list):
+        pass
+    mix = EpisodeMix([Sampler(range(4000)), Sampler(range(4000))], [1.0, 3.0], seed=0)
+    share = np.mean([mix.source_of(i) for i in range(4000)])
+    assert 0.72 < share < 0.78  # weights 1 : 3
+    assert [mix.source_of(i) for i in range(50)] == [mix.source_of(i) for i in range(50)]
+    with pytest.raises(ValueError, match=r"Unknown key 'datasets\[1\].episodes.way'"):
+        config_from_dict(apply_overrides(data, {"datasets.1.episodes": {"way": 2}}))
+
+
 @pytest.mark.slow
 def test_smoke_config_on_two_processes_through_accelerate_launch(tmp_path):
     """recipes/configs/smoke.yaml through `accelerate launch` (recipes/configs/accelerate/cpu_2proc.yaml: two gloo
