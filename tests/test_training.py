@@ -324,6 +324,8 @@ def test_accelerate_launch_configs_load(name):
     ({"flow.generate.steps": 0}, "flow.generate.steps must be an integer >= 1, got 0"),
     ({"optimizer.lr": "fast"}, "optimizer.lr must be a number, got 'fast'"),
     ({"losses.flow": 0.0, "losses.unrolled": 0.0}, "give at least one a positive weight"),
+    ({"training.report_to": "wandb"}, "training.report_to must be null or one of"),
+    ({"training.episodes_per_step": 0}, "training.episodes_per_step must be an integer >= 1, got 0"),
 ])
 def test_bad_config_names_the_key_before_any_work(tmp_path, synthetic_dataset, changes, message):
     data = tiny_config(tmp_path / "run", synthetic_dataset, **changes)
@@ -410,15 +412,25 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, synthetic_d
     assert [v["step"] for v in metrics["validations"]] == [0, 3, 6]
     assert metrics["direct_transfer"]["accuracy"] == pytest.approx(metrics["validations"][0]["accuracy"])
 
+    # The store named directly (as one recorded by recipes/make_trajectories.py), with the adapter it was made with.
+    reuse = {"flow.generate": None, "flow.trajectories": [str(Path(shared) / "synthetic")], "losses.unrolled": 0.0,
+             "adapter": {"pretrained": str(Path(shared) / "adapter")}, "training.max_steps": 2,
+             "validation.episodes": 0}
+    result = train(config_from_dict(tiny_config(tmp_path / "reuse", synthetic_dataset, **reuse)))
+    assert result.metrics["trajectories"] == 4 and result.metrics["history"][-1]["flow_loss"] > 0
+    other = {**reuse, "adapter": {"r": 3, "first_adapted_block": -1, "image_size": 32}}
+    with pytest.raises(ValueError, match=r"flow.trajectories\[0\]: .* another state layout"):
+        train(config_from_dict(tiny_config(tmp_path / "other", synthetic_dataset, **other)))
 
-def test_bf16_run_writes_a_loadable_adapter(tmp_path, synthetic_dataset):
+
+def test_bf16_run_with_a_loader_worker_writes_a_loadable_adapter(tmp_path, synthetic_dataset):
     from transformers import AutoModel
 
     from hf_hyperflow import HyperFlowAdapter
 
     data = tiny_config(tmp_path / "run", synthetic_dataset, **{
         "training.mixed_precision": "bf16", "training.max_steps": 2, "losses.flow": 0.0, "flow.generate": None,
-        "validation.every": 1, "training.log_every": 1})
+        "validation.every": 1, "training.log_every": 1, "training.num_workers": 1})  # episodes decoded in a worker
     result = train(config_from_dict(data))
     assert all(math.isfinite(h["loss"]) for h in result.metrics["history"])
     adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(str(tmp_path / "run" / "backbone")),
