@@ -240,7 +240,10 @@ class AdaptedTask:
         as ``modules_to_save`` copies of the module with shifted parameters.
         """
         if self.state is None or self._tuner is None:
-            raise ValueError("This task was loaded from a PEFT export already; save it with save_pretrained.")
+            raise ValueError(
+                "This task has no HyperFlow state to export as LoRA: it was loaded from a PEFT export (save it with "
+                "save_pretrained), or it is direct transfer / full fine-tuning, which are not adapters."
+            )
         config = self._config
         scaling = config.scaling
         layers = dict(self._tuner.hyperflow_layers())

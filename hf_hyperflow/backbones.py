@@ -96,7 +96,7 @@ BACKBONE_TABLE: dict[str, BackboneSpec] = {
     "timm_wrapper": BackboneSpec(
         lora_modules=r"(blocks\.\d+\.\d+\.(conv_pw|conv_pwl|conv_exp)|conv_head|attn\.qkv|attn\.proj|mlp\.fc[12])$",
         shift_modules=r"(blocks\.\d+\.\d+\.bn[123]|timm_model\.bn2|blocks\.\d+\.norm[12])$",
-        block_pattern=r"^(timm_model\.blocks\.\d+(?:\.\d+)?)\.",
+        block_pattern=r"^(timm_model\.blocks\.\d+(?:\.\d+)?)\.(?!\d)",
     ),
 }
 

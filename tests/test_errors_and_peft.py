@@ -223,3 +223,11 @@ def test_loading_without_importing_the_package_says_to_import_it(adapter, tmp_pa
     assert "import hf_hyperflow" in result.stdout, result.stdout
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "HYPERFLOW"
+
+
+def test_first_adapted_block_counts_timm_blocks_once():
+    adapter = HyperFlowAdapter(make_backbone("timm_wrapper"), HyperFlowConfig(first_adapted_block=-1))
+    names = sorted(name for name, _ in adapter.tuner.hyperflow_layers())
+    # test_efficientnet's last block is blocks.4.0; conv_head and the final bn2 come after it
+    assert names == sorted(["timm_model.bn2", "timm_model.conv_head"] + [
+        f"timm_model.blocks.4.0.{n}" for n in ("bn1", "bn2", "bn3", "conv_pw", "conv_pwl")])

@@ -26,13 +26,6 @@ from hf_hyperflow.state import parse_state_key
 IMAGE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vit(first_adapted_block=None, groups=("lora", "shift", "head"), layers=3):

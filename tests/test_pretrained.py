@@ -27,7 +27,7 @@ def digit_episode(seed: int, ways: int = 4, shots: int = 3, queries: int = 3):
     digits = load_digits()
     rng = np.random.default_rng(seed)
     support, support_labels, query, query_labels = [], [], [], []
-    for label, digit in enumerate(rng.choice(10, ways, replace=False)):
+    for digit in rng.choice(10, ways, replace=False):
         rows = rng.choice(np.flatnonzero(digits.target == digit), shots + queries, replace=False)
         images = [Image.fromarray((digits.images[r] / 16 * 255).astype(np.uint8)).resize((64, 64)) for r in rows]
         support += images[:shots]

@@ -50,14 +50,11 @@ def fresh_accelerate():
     """Each in-process run builds its own Accelerator: reset Accelerate's process-wide state around tests."""
     from accelerate.state import AcceleratorState, GradientState
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only contend on a shared machine
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 def _png(array: np.ndarray) -> dict:
