@@ -34,7 +34,8 @@ from .episodes import Episode, EpisodeSampler
 from .finetune import DEFAULT_LR_GRID, finetune, select_lr
 from .stats import mean_confidence_interval
 
-__all__ = ["Method", "parse_method", "measure_peak_memory", "Evaluator", "FT_GROUPS", "results_markdown"]
+__all__ = ["Method", "parse_method", "measure_peak_memory", "Evaluator", "FT_GROUPS", "results_markdown",
+           "run_evaluation", "write_outputs", "machine_description"]
 
 FT_GROUPS: dict[str, tuple[str, ...]] = {
     "ft-full": ("full",),
@@ -266,6 +267,43 @@ class Evaluator:
                 points["ci95"].append(half)
             sweep[integrator] = points
         return sweep
+
+
+def machine_description() -> str:
+    """What ran the evaluation, for the results' meta block."""
+    import platform
+
+    device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
+    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, {device}"
+
+
+def run_evaluation(evaluator: Evaluator, domains: dict[str, tuple], *, episodes: int, meta: dict,
+                   episodes_per_method: dict[str, int] | None = None, batch_tasks: int = 8,
+                   sweep_steps: Sequence[int] = (), sweep_integrators: Sequence[str] = ("euler", "rk4"),
+                   sweep_episodes: int = 50) -> tuple[dict, dict]:
+    """Evaluate every domain; returns ``(results, sweeps)`` with results in the ``results.json`` schema.
+
+    Args:
+        domains: ``name -> (dataset, sampler_kwargs)`` (EpisodeSampler keywords: protocol, ways, split...).
+        meta: the ``meta`` block of the results (backbone, adapter, protocol, machine, date, command...).
+        sweep_steps: if given (and a hyperflow method is evaluated), accuracy against the number of steps.
+    """
+    results = {"meta": meta, "results": {}, "details": {}, "batched_throughput": {}}
+    sweeps: dict = {}
+    for name, (dataset, sampler_kwargs) in domains.items():
+        out = evaluator.evaluate_dataset(name, dataset, episodes=episodes, episodes_per_method=episodes_per_method,
+                                         sampler_kwargs=sampler_kwargs, batch_tasks=batch_tasks)
+        results["results"][name] = out["methods"]
+        results["details"][name] = {"episode_rows": out["episode_rows"],
+                                    "per_episode_accuracy": out["per_episode_accuracy"]}
+        if "batched_throughput" in out:
+            results["batched_throughput"][name] = out["batched_throughput"]
+        if sweep_steps and any(m.kind == "hyperflow" for m in evaluator.methods):
+            sweeps[name] = evaluator.steps_sweep(dataset, steps=sweep_steps, integrators=sweep_integrators,
+                                                 episodes=min(sweep_episodes, episodes), sampler_kwargs=sampler_kwargs)
+    if sweeps:
+        results["steps_sweep"] = sweeps
+    return results, sweeps
 
 
 def add_ratios(summary: dict[str, dict]) -> None:

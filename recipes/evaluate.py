@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 from datetime import date
@@ -70,7 +69,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
     from hf_hyperflow.episodes import ClassSplit, load_image_dataset
-    from hf_hyperflow.evaluation import Evaluator, parse_method, write_outputs
+    from hf_hyperflow.evaluation import (
+        Evaluator,
+        machine_description,
+        parse_method,
+        run_evaluation,
+        write_outputs,
+    )
 
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -111,37 +116,23 @@ def main(argv: list[str] | None = None) -> dict:
     evaluator = Evaluator(adapter, methods, ft_steps=args.ft_steps, lr_grid=lr_grid, lr_episodes=args.lr_episodes,
                           fixed_lr=args.lr, memory_episodes=args.memory_episodes, seed=args.seed,
                           progress=not args.no_progress)
-    results = {
-        "meta": {
-            "backbone": str(args.backbone), "adapter": str(args.adapter), "protocol": args.protocol,
-            "ways": args.ways if args.protocol == "fixed" else None,
-            "shots": args.shots if args.protocol == "fixed" else None,
-            "queries": args.queries if args.protocol == "fixed" else None,
-            "image_size": int(adapter.config.image_size if not args.image_size else args.image_size),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                       f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
-            "date": date.today().isoformat(),
-            "command": "python recipes/evaluate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-            "split": args.split, "seed": args.seed, "ft_steps": args.ft_steps,
-        },
-        "results": {}, "details": {}, "batched_throughput": {},
+    meta = {
+        "backbone": str(args.backbone), "adapter": str(args.adapter), "protocol": args.protocol,
+        "ways": args.ways if args.protocol == "fixed" else None,
+        "shots": args.shots if args.protocol == "fixed" else None,
+        "queries": args.queries if args.protocol == "fixed" else None,
+        "image_size": int(adapter.config.image_size if not args.image_size else args.image_size),
+        "machine": machine_description(),
+        "date": date.today().isoformat(),
+        "command": "python recipes/evaluate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "split": args.split, "seed": args.seed, "ft_steps": args.ft_steps,
     }
-    sweeps = {}
-    for name, dataset in datasets.items():
-        out = evaluator.evaluate_dataset(name, dataset, episodes=args.episodes, episodes_per_method=per_method,
-                                         sampler_kwargs=sampler_kwargs, batch_tasks=args.batch_tasks)
-        results["results"][name] = out["methods"]
-        results["details"][name] = {"episode_rows": out["episode_rows"],
-                                    "per_episode_accuracy": out["per_episode_accuracy"]}
-        if "batched_throughput" in out:
-            results["batched_throughput"][name] = out["batched_throughput"]
-        if sweep_steps and args.adapter:
-            sweeps[name] = evaluator.steps_sweep(dataset, steps=sweep_steps,
-                                                 integrators=args.sweep_integrators.split(","),
-                                                 episodes=min(args.sweep_episodes, args.episodes),
-                                                 sampler_kwargs=sampler_kwargs)
-    if sweeps:
-        results["steps_sweep"] = sweeps
+    domains = {name: (dataset, sampler_kwargs) for name, dataset in datasets.items()}
+    results, sweeps = run_evaluation(evaluator, domains, episodes=args.episodes, meta=meta,
+                                     episodes_per_method=per_method, batch_tasks=args.batch_tasks,
+                                     sweep_steps=sweep_steps if args.adapter else (),
+                                     sweep_integrators=args.sweep_integrators.split(","),
+                                     sweep_episodes=args.sweep_episodes)
     paths = write_outputs(results, args.output, sweeps)
     print(paths["markdown"].read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}))
