@@ -114,13 +114,14 @@ class Evaluator:
             method; its drift network serves ``hyperflow``).
         methods: method names (see :func:`parse_method`).
         ft_steps: fine-tuning steps (50 in P>M>F).
-        lr_grid: learning rates tried per dataset on ``lr_episodes`` validation episodes; ``fixed_lr`` skips that.
+        lr_grid: learning rates tried per dataset on ``lr_episodes`` validation episodes; ``fixed_lr`` (one lr, or
+            ``method -> lr``) skips that.
         memory_episodes: episodes per method whose adaptation is measured again under the memory profiler.
         seed: the episodes' seed (every method sees the same episodes).
     """
 
     def __init__(self, adapter: HyperFlowAdapter, methods: Sequence[str], *, ft_steps: int = 50,
-                 lr_grid: Sequence[float] = DEFAULT_LR_GRID, lr_episodes: int = 5, fixed_lr: float | None = None,
+                 lr_grid: Sequence[float] = DEFAULT_LR_GRID, lr_episodes: int = 5, fixed_lr: float | dict[str, float] | None = None,
                  memory_episodes: int = 2, seed: int = 0, progress: bool = True):
         if not methods:
             raise ValueError("Give at least one method.")
@@ -151,6 +152,11 @@ class Evaluator:
         ft_methods = [m for m in self.methods if m.kind == "ft"]
         if not ft_methods:
             return lrs
+        if isinstance(self.fixed_lr, dict):
+            missing = [m.name for m in ft_methods if m.name not in self.fixed_lr]
+            if missing:
+                raise ValueError(f"fixed_lr gives no lr for {missing}.")
+            return {m.name: {"lr": self.fixed_lr[m.name], "table": None} for m in ft_methods}
         if self.fixed_lr is not None:
             return {m.name: {"lr": self.fixed_lr, "table": None} for m in ft_methods}
         validation = EpisodeSampler(dataset, **{**sampler_kwargs, "split": "validation",
