@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -27,6 +28,7 @@ from .drift import DriftNet, TaskEncoding
 from .heads import class_prototypes, prototype_logits
 from .integrators import integrate
 from .io import load_safetensors_checked, read_json_checked
+from .prefix import FrozenPrefix, Uncacheable
 from .state import TaskState, parse_state_key
 from .tuner.model import HyperFlowModel
 
@@ -535,6 +537,14 @@ class HyperFlowAdapter:
         device, dtype = self._device_dtype()
         return to_pixel_values(images, self.image_processor, device, dtype)
 
+    def frozen_prefix(self) -> FrozenPrefix | None:
+        """The blocks before the first adapted one (with ``first_adapted_block`` set), else None."""
+        if self.config.first_adapted_block is None:
+            return None
+        if getattr(self, "_frozen_prefix", False) is False:
+            self._frozen_prefix = FrozenPrefix.find(self.backbone)
+        return self._frozen_prefix
+
     def task_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``Tensor[N, D]``: the features the drift network encodes tasks from: the frozen backbone at
         theta_0, without autograd (direct transfer needs them anyway)."""
@@ -556,13 +566,29 @@ class HyperFlowAdapter:
         steps = steps if steps is not None else self.config.steps
         integrator = integrator or self.config.integrator
         drift = self.drift
-        features0 = task_features if task_features is not None else self.task_features(pixel_values)
+        # The frozen prefix (blocks before the first adapted one) runs once for both passes over the support.
+        prefix, prefix_output = (self.frozen_prefix(), None) if task_features is None else (None, None)
+        if prefix is not None:
+            try:
+                prefix_output = prefix.compute(pixel_values)
+            except Uncacheable:
+                prefix = None
+
+        def skipping_prefix():
+            if prefix is None:
+                return contextlib.nullcontext()
+            return prefix.replaced(prefix_output, pixel_values.shape[0])
+
+        if task_features is None:
+            with skipping_prefix():
+                task_features = self.task_features(pixel_values)
+        features0 = task_features
         encoding = drift.encode_tasks(features0, labels, sizes, num_classes)
         state0 = drift.initial_state(encoding)
         state = integrate(lambda s, t: drift(s, t, encoding), state0, steps, method=integrator)
         groups = set(self.config.groups)
         if groups & {"lora", "shift"}:
-            with self.tuner.task_deltas(state, sizes):
+            with skipping_prefix(), self.tuner.task_deltas(state, sizes):
                 features = embed(self.backbone, pixel_values)
         else:
             features = features0

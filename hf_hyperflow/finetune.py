@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,11 +40,11 @@ from torch import nn
 
 from .adapter import AdaptedTask, HyperFlowAdapter, _HyperFlowEmbedder
 from .augment import diff_augment
-from .backbones import BACKBONE_TABLE, embed, model_type_of
+from .backbones import embed
 from .config import ADAPTED_GROUPS
 from .heads import class_prototypes, prototype_logits
+from .prefix import FrozenPrefix, Uncacheable, cat_leaves, select_images
 from .state import TaskState, parse_state_key, state_key
-from .tuner.layer import HyperFlowLayer
 
 __all__ = [
     "DEFAULT_LR_GRID",
@@ -192,170 +191,6 @@ def _check_state(adapter: HyperFlowAdapter, state: TaskState, num_classes: int) 
             raise ValueError(f"initial_state[{key!r}] has shape {tuple(state[key].shape)}, expected "
                              f"{tuple(value.shape)}.")
     return TaskState({k: state[k].detach().to(reference[k]).clone() for k in reference})
-
-
-# ------------------------------------------------------------------------------------------------
-# Frozen-prefix cache
-# ------------------------------------------------------------------------------------------------
-class _Uncacheable(Exception):
-    """A block output this cache cannot slice by image (an unknown container or a batch it cannot split)."""
-
-
-class _StopForward(Exception):
-    """Raised by a hook to stop a forward pass once the prefix output is captured."""
-
-
-@dataclass(frozen=True)
-class _TensorSpec:
-    rows_per_image: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-
-
-def _map_leaves(fn: Callable, structure, leaf_type=torch.Tensor):
-    """Apply ``fn`` to every ``leaf_type`` leaf of nested tuples / lists; other scalars are kept."""
-    if isinstance(structure, leaf_type):
-        return fn(structure)
-    if isinstance(structure, (tuple, list)) and not hasattr(structure, "_fields"):
-        return type(structure)(_map_leaves(fn, s, leaf_type) for s in structure)
-    if structure is None or isinstance(structure, (bool, int, float, str)):
-        return structure
-    raise _Uncacheable(f"block outputs of type {type(structure).__name__} are not supported")
-
-
-def _zip_leaves(fn: Callable, structures: list):
-    """``fn([leaf_1, leaf_2, ...])`` over the tensor leaves of structures of the same shape."""
-    first = structures[0]
-    if isinstance(first, torch.Tensor):
-        return fn(structures)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_zip_leaves(fn, list(parts)) for parts in zip(*structures, strict=True))
-    return first
-
-
-def _rows_per_image(tensor: torch.Tensor, num_images: int) -> int:
-    if tensor.dim() == 0 or tensor.shape[0] % num_images:
-        raise _Uncacheable(f"a block output of shape {tuple(tensor.shape)} has no batch axis over {num_images} images")
-    return tensor.shape[0] // num_images
-
-
-def _select_images(structure, images: torch.Tensor, num_images: int):
-    """The rows of the given images (``LongTensor[n]``) of every tensor in a block output of ``num_images``."""
-    def pick(tensor):
-        per = _rows_per_image(tensor, num_images)
-        rows = (images.to(tensor.device)[:, None] * per + torch.arange(per, device=tensor.device)).flatten()
-        return tensor.index_select(0, rows)
-    return _map_leaves(pick, structure)
-
-
-def _innermost_blocks(backbone: nn.Module) -> list[str]:
-    """Names of the backbone's blocks (the table's block pattern), innermost only, in module order."""
-    spec = BACKBONE_TABLE.get(model_type_of(backbone))
-    if spec is None:
-        return []
-    pattern = re.compile(spec.block_pattern)
-    names = []
-    for name, _ in backbone.named_modules():
-        match = pattern.search(name + ".") if name else None
-        if match and match.group(1) == name:
-            names.append(name)
-    return [n for n in names if not any(other.startswith(n + ".") for other in names)]
-
-
-class _FrozenPrefix:
-    """The blocks that come before the first HyperFlow layer, and their cached output.
-
-    ``compute(pixel_values)`` runs the backbone up to the last frozen block without autograd and returns
-    that block's output; inside ``replaced(output)`` the frozen blocks do not run: the last one returns
-    ``output`` and the earlier ones return zero placeholders of their usual shape (expanded, no memory).
-    """
-
-    def __init__(self, backbone: nn.Module, blocks: list[tuple[str, nn.Module]]):
-        self.backbone = backbone
-        self.blocks = blocks
-        self._specs: dict[str, object] | None = None
-
-    @classmethod
-    def find(cls, backbone: nn.Module) -> _FrozenPrefix | None:
-        blocks = _innermost_blocks(backbone)
-        if not blocks:
-            return None
-        modules = dict(backbone.named_modules())
-        first_layer = next((n for n, m in backbone.named_modules() if isinstance(m, HyperFlowLayer)), None)
-        if first_layer is None:
-            return None
-        order = {name: i for i, (name, _) in enumerate(backbone.named_modules())}
-        frozen = [b for b in blocks if order[b] < order[first_layer] and not first_layer.startswith(b + ".")]
-        # Every module of a frozen block must come before the first HyperFlow layer.
-        frozen = [b for b in frozen if not any(isinstance(m, HyperFlowLayer) for m in modules[b].modules())]
-        if not frozen:
-            return None
-        return cls(backbone, [(b, modules[b]) for b in frozen])
-
-    @property
-    def last(self) -> nn.Module:
-        return self.blocks[-1][1]
-
-    @torch.no_grad()
-    def compute(self, pixel_values: torch.Tensor):
-        """The last frozen block's output for ``pixel_values`` (nested tuples of tensors, rows image-major)."""
-        num_images = pixel_values.shape[0]
-        captured: dict[str, object] = {}
-        handles = []
-
-        def keep(name, stop):
-            def hook(module, args, output):
-                captured[name] = output
-                if stop:
-                    raise _StopForward
-            return hook
-
-        for i, (name, module) in enumerate(self.blocks):
-            if i == len(self.blocks) - 1 or self._specs is None:
-                handles.append(module.register_forward_hook(keep(name, i == len(self.blocks) - 1)))
-        try:
-            embed(self.backbone, pixel_values)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        last_name = self.blocks[-1][0]
-        if last_name not in captured:
-            raise _Uncacheable("the last frozen block did not run")
-        if self._specs is None:
-            self._specs = {
-                name: _map_leaves(lambda t: _TensorSpec(_rows_per_image(t, num_images), tuple(t.shape[1:]), t.dtype,
-                                                        t.device), captured[name])
-                for name, _ in self.blocks[:-1]
-            }
-        output = captured[last_name]
-        _map_leaves(lambda t: _rows_per_image(t, num_images), output)
-        return _map_leaves(torch.Tensor.detach, output)
-
-    @contextlib.contextmanager
-    def replaced(self, output, num_images: int):
-        """Within the block, the frozen blocks return ``output`` (the last) or placeholders (the others)."""
-        def constant(value):
-            return lambda *args, **kwargs: value
-
-        patched = []
-        try:
-            for name, module in self.blocks[:-1]:
-                placeholder = _map_leaves(
-                    lambda s: torch.zeros((), dtype=s.dtype, device=s.device).expand(s.rows_per_image * num_images,
-                                                                                    *s.shape),
-                    self._specs[name], _TensorSpec)
-                module.forward = constant(placeholder)
-                patched.append(module)
-            self.last.forward = constant(output)
-            patched.append(self.last)
-            yield
-        finally:
-            for module in patched:
-                if "forward" in module.__dict__:
-                    del module.forward
 
 
 # ------------------------------------------------------------------------------------------------
@@ -523,7 +358,7 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
     # Frozen prefix.
     prefix = None
     if not full and prefix_cache is not False:
-        prefix = _FrozenPrefix.find(backbone)
+        prefix = FrozenPrefix.find(backbone)
         if prefix is None and prefix_cache:
             raise ValueError("prefix_cache=True, but this backbone has no block before its first HyperFlow layer; set "
                              "HyperFlowConfig(first_adapted_block=...) to adapt only the last blocks.")
@@ -531,7 +366,7 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
     if prefix is not None:
         try:
             clean_prefix = prefix.compute(pixels)
-        except _Uncacheable as error:
+        except Uncacheable as error:
             if prefix_cache:
                 raise ValueError(f"prefix_cache=True, but the frozen prefix cannot be cached: {error}.") from None
             prefix = None
@@ -549,7 +384,7 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
             return embed(backbone, batch)
 
     def concat(a, b):
-        return _zip_leaves(torch.cat, [a, b])
+        return cat_leaves([a, b])
 
     # Pseudo-query pool.
     pool = pool_prefix = None
@@ -557,7 +392,7 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
         pool = torch.cat([diff_augment(pixels, generator, probability) for _ in range(augment_pool)])
         if prefix is not None:
             parts = [prefix.compute(copy) for copy in pool.split(support_size)]
-            pool_prefix = _zip_leaves(torch.cat, parts)
+            pool_prefix = cat_leaves(parts)
 
     clean_features = None
     if not trained_backbone:  # the backbone is fixed: clean features once
@@ -581,7 +416,7 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
         else:
             rows = torch.randint(augment_pool, (support_size,), generator=generator) * support_size + image_index
             pseudo = pool.index_select(0, rows.to(pool.device))
-            pseudo_prefix = (_select_images(pool_prefix, rows, pool.shape[0]) if pool_prefix is not None else None)
+            pseudo_prefix = (select_images(pool_prefix, rows, pool.shape[0]) if pool_prefix is not None else None)
         if trained_backbone:
             both = features(torch.cat([pixels, pseudo]),
                             concat(clean_prefix, pseudo_prefix) if prefix is not None else None)

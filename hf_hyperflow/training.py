@@ -55,6 +55,7 @@ from .config import ADAPTED_GROUPS, INTEGRATOR_NAMES, HyperFlowConfig
 from .drift import DriftNet, TaskEncoding
 from .heads import class_prototypes, prototype_logits
 from .interpolation import INTERPOLATION_KINDS
+from .prefix import FrozenPrefix
 from .state import TaskState, parse_state_key, state_key
 
 __all__ = [
@@ -753,9 +754,7 @@ class PrefixCache:
     """
 
     def __init__(self, adapter, max_bytes: float):
-        from .finetune import _FrozenPrefix
-
-        self.prefix = _FrozenPrefix.find(adapter.backbone)
+        self.prefix = FrozenPrefix.find(adapter.backbone)
         self.max_bytes = max_bytes
         self.used_bytes = 0
         self._kept: dict[Any, torch.Tensor] = {}
