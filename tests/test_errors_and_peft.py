@@ -231,3 +231,23 @@ def test_first_adapted_block_counts_timm_blocks_once():
     # test_efficientnet's last block is blocks.4.0; conv_head and the final bn2 come after it
     assert names == sorted(["timm_model.bn2", "timm_model.conv_head"] + [
         f"timm_model.blocks.4.0.{n}" for n in ("bn1", "bn2", "bn3", "conv_pw", "conv_pwl")])
+
+
+@pytest.mark.parametrize("model_type", ["vit", "timm_wrapper"])
+def test_adapt_runs_the_frozen_prefix_once_and_matches_the_uncached_path(model_type):
+    adapter = HyperFlowAdapter(make_backbone(model_type), HyperFlowConfig(first_adapted_block=-1, steps=2))
+    randomize_drift(adapter)
+    prefix = adapter.frozen_prefix()
+    assert prefix is not None
+    inner = next(m for m in prefix.blocks[0][1].modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    calls = []
+    handle = inner.register_forward_pre_hook(lambda module, args: calls.append(1))
+    images, labels = pixels(4), [0, 1, 0, 1]
+    cached = adapter.adapt(images, labels)
+    assert len(calls) == 1, "the frozen prefix runs once for the theta_0 pass and the adapted pass"
+    handle.remove()
+    adapter._frozen_prefix = None  # the uncached path
+    uncached = adapter.adapt(images, labels)
+    torch.testing.assert_close(cached.prototypes, uncached.prototypes, rtol=1e-5, atol=1e-6)
+    for key in cached.state:
+        torch.testing.assert_close(cached.state[key], uncached.state[key], rtol=1e-5, atol=1e-6)

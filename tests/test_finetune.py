@@ -15,12 +15,12 @@ from transformers import AutoConfig, AutoModel
 from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.finetune import (
     DEFAULT_LR_GRID,
-    _FrozenPrefix,
     finetune,
     initial_state,
     query_accuracy,
     select_lr,
 )
+from hf_hyperflow.prefix import FrozenPrefix
 from hf_hyperflow.state import parse_state_key
 
 IMAGE = 32
@@ -187,7 +187,7 @@ def test_prefix_cache_matches_uncached_path(make, pool, groups, support):
 def test_prefix_cache_skips_frozen_blocks(support):
     adapter = tiny_vit(first_adapted_block=-1, layers=3)
     pixels, labels = support
-    prefix = _FrozenPrefix.find(adapter.backbone)
+    prefix = FrozenPrefix.find(adapter.backbone)
     assert [name for name, _ in prefix.blocks] == ["layers.0", "layers.1"]
     # count calls of a module inside each block (a replaced block does not call it)
     calls = {"layers.0.attention": 0, "layers.1.attention": 0, "layers.2.attention": 0}
@@ -205,7 +205,7 @@ def test_prefix_cache_skips_frozen_blocks(support):
 
 def test_no_prefix_without_first_adapted_block(vit, support):
     pixels, labels = support
-    assert _FrozenPrefix.find(vit.backbone) is None
+    assert FrozenPrefix.find(vit.backbone) is None
     with pytest.raises(ValueError, match="no block before its first HyperFlow layer"):
         finetune(vit, pixels, labels, steps=1, prefix_cache=True)
     assert not finetune(vit, pixels, labels, steps=1).prefix_cached
@@ -213,7 +213,7 @@ def test_no_prefix_without_first_adapted_block(vit, support):
 
 def test_efficientnet_prefix_blocks_are_innermost():
     adapter = tiny_efficientnet(first_adapted_block=-1)
-    prefix = _FrozenPrefix.find(adapter.backbone)
+    prefix = FrozenPrefix.find(adapter.backbone)
     names = [name for name, _ in prefix.blocks]
     assert names == [f"timm_model.blocks.{i}.0" for i in range(len(names))]
     first_layer = next(n for n, _ in adapter.tuner.hyperflow_layers())
