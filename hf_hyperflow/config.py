@@ -97,6 +97,13 @@ class HyperFlowConfig(PeftConfig):
     feature_size: int | None = field(
         default=None, metadata={"help": "Size of the backbone's pooled features (set automatically)."}
     )
+    adapted_modules: dict[str, list[str]] | None = field(
+        default=None,
+        metadata={
+            "help": "Module name -> adapted roles ('lora', 'shift'), resolved from the patterns when the adapter is "
+            "created (set automatically) and used as they are when it is loaded."
+        },
+    )
     backbone_fingerprint: str | None = field(
         default=None,
         metadata={"help": "Content hash of the backbone's weights at creation (set automatically)."},

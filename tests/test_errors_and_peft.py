@@ -251,3 +251,20 @@ def test_adapt_runs_the_frozen_prefix_once_and_matches_the_uncached_path(model_t
     torch.testing.assert_close(cached.prototypes, uncached.prototypes, rtol=1e-5, atol=1e-6)
     for key in cached.state:
         torch.testing.assert_close(cached.state[key], uncached.state[key], rtol=1e-5, atol=1e-6)
+
+
+def test_saved_adapter_keeps_its_resolved_modules(adapter, tmp_path):
+    adapter.save_pretrained(tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert sorted(config["adapted_modules"]) == sorted(name for name, _ in adapter.tuner.hyperflow_layers())
+    config["target_modules"] = "pattern_that_matches_nothing$"  # loading uses the recorded modules, not patterns
+    config_path.write_text(json.dumps(config))
+    loaded = HyperFlowAdapter.from_pretrained(make_backbone("vit"), tmp_path / "a")
+    torch.testing.assert_close(loaded.adapt(pixels(4), [0, 1, 0, 1]).logits(pixels(3)),
+                               adapter.adapt(pixels(4), [0, 1, 0, 1]).logits(pixels(3)))
+    config["adapted_modules"]["layers.7.attention.q_proj"] = ["lora"]
+    config["backbone_fingerprint"] = None
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapts modules this vit backbone does not have \(\['layers.7"):
+        HyperFlowAdapter.from_pretrained(make_backbone("vit"), tmp_path / "a")

@@ -85,15 +85,27 @@ class HyperFlowModel(BaseTuner):
         peft_config.feature_size = feature_size
         if peft_config.backbone_fingerprint is None:
             peft_config.backbone_fingerprint = backbone_fingerprint(model)
-        roles = resolve_adapted_modules(
-            model,
-            lora_modules=peft_config.target_modules,
-            shift_modules=peft_config.shift_modules,
-            exclude_modules=peft_config.exclude_modules,
-            first_adapted_block=peft_config.first_adapted_block,
-        )
-        groups = set(peft_config.groups)
-        roles = {name: r & groups for name, r in roles.items() if r & groups}
+        if peft_config.adapted_modules is not None:
+            # A saved adapter: exactly the modules it was made with.
+            modules = dict(model.named_modules())
+            missing = [name for name in peft_config.adapted_modules if name not in modules]
+            if missing:
+                raise ValueError(
+                    f"This HyperFlow adapter adapts modules this {model_type} backbone does not have "
+                    f"({missing[:3]}): it was made for another backbone."
+                )
+            roles = {name: frozenset(r) for name, r in peft_config.adapted_modules.items()}
+        else:
+            roles = resolve_adapted_modules(
+                model,
+                lora_modules=peft_config.target_modules,
+                shift_modules=peft_config.shift_modules,
+                exclude_modules=peft_config.exclude_modules,
+                first_adapted_block=peft_config.first_adapted_block,
+            )
+            groups = set(peft_config.groups)
+            roles = {name: r & groups for name, r in roles.items() if r & groups}
+            peft_config.adapted_modules = {name: sorted(r) for name, r in roles.items()}
         self._resolved_roles[self._injecting_adapter] = roles
         return peft_config
 
