@@ -8,7 +8,6 @@ import io
 import json
 from pathlib import Path
 
-import cairosvg
 import datasets
 from PIL import Image
 from tqdm.auto import tqdm
@@ -46,10 +45,17 @@ def flatten(image: Image.Image) -> Image.Image:
 
 
 def render_svg(path: Path) -> Image.Image:
+    """An SVG rendered with cairosvg (the ``data`` extra: pip install "hf-hyperflow[data]", and libcairo2)."""
+    import cairosvg
+
     return Image.open(io.BytesIO(cairosvg.svg2png(url=str(path), output_width=IMAGE_SIZE, output_height=IMAGE_SIZE)))
 
 
 def sources_missing(cache_dir: Path | None = None) -> str | None:
+    try:
+        import cairosvg  # noqa: F401
+    except (ImportError, OSError) as error:
+        return f"rendering OpenMoji's SVGs needs cairosvg and libcairo2 ({error}): pip install 'hf-hyperflow[data]'"
     return missing_sources(PACKAGES, cache_dir)
 
 
