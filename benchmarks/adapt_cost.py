@@ -47,13 +47,16 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--first-adapted-block", type=int, default=None,
+                        help="adapt only the last blocks (negative: counted from the end); default: all blocks")
     parser.add_argument("--output", type=Path, default=None, help="append the Markdown result to this file")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     with tempfile.TemporaryDirectory() as folder:
         backbone = AutoModel.from_pretrained(build_efficientnet_lite0(folder)).eval()
-    adapter = HyperFlowAdapter(backbone, HyperFlowConfig(image_size=args.image_size, steps=args.steps))
+    adapter = HyperFlowAdapter(backbone, HyperFlowConfig(image_size=args.image_size, steps=args.steps,
+                                                         first_adapted_block=args.first_adapted_block))
     images, labels = digit_support(args.ways, args.shots)
     pixel_values = adapter.pixel_values(images)
 
@@ -77,12 +80,15 @@ def main() -> None:
             timings[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in timings.items()}
     groups = "+".join(adapter.config.groups)
+    blocks = "all blocks" if args.first_adapted_block is None else f"first_adapted_block={args.first_adapted_block}"
     lines = [
         f"## adapt vs one forward pass: EfficientNet-Lite0, {args.ways}-way {args.shots}-shot, "
-        f"{args.image_size} px, {groups}, euler x {args.steps} steps",
+        f"{args.image_size} px, {groups} on {blocks}, euler x {args.steps} steps",
         "",
         f"Command: `python benchmarks/adapt_cost.py --image-size {args.image_size} --ways {args.ways} "
-        f"--shots {args.shots} --steps {args.steps} --repeats {args.repeats}`  ",
+        f"--shots {args.shots} --steps {args.steps} --repeats {args.repeats}"
+        + (f" --first-adapted-block {args.first_adapted_block}" if args.first_adapted_block is not None else "")
+        + f" --output {args.output}`  " if args.output else "`  ",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"date {date.today().isoformat()}; medians of {args.repeats} interleaved runs.",
         "",
