@@ -326,11 +326,12 @@ def add_ratios(summary: dict[str, dict]) -> None:
 
 
 def gain_fraction(summary: dict[str, dict], method: str = "hyperflow", reference: str = "ft-shift") -> float | None:
-    """``(acc[method] - acc[dt]) / (acc[reference] - acc[dt])``: the share of the reference's gain over dt."""
+    """``(acc[method] - acc[dt]) / (acc[reference] - acc[dt])``: the share of the reference's gain over dt
+    (None when the reference does not beat dt)."""
     if not {"dt", method, reference} <= set(summary):
         return None
     gain = summary[reference]["accuracy"] - summary["dt"]["accuracy"]
-    if abs(gain) < 1e-9:
+    if gain <= 1e-9:  # the reference does not beat dt: no gain to take a share of
         return None
     return (summary[method]["accuracy"] - summary["dt"]["accuracy"]) / gain
 
@@ -366,6 +367,9 @@ def results_markdown(results: dict) -> str:
         if share is not None:
             lines.append("")
             lines.append(f"hyperflow's accuracy gain over dt is {100 * share:.0f}% of ft-shift's gain.")
+        elif {"dt", "ft-shift", "hyperflow"} <= set(methods):
+            lines.append("")
+            lines.append("ft-shift does not beat dt here, so there is no gain to compare with.")
         lines.append("")
     extra = results.get("batched_throughput")
     if extra:
