@@ -423,8 +423,7 @@ class AdaptedTask:
         parameter = next(backbone.parameters())
         task = cls(_PeftEmbedder(peft_model), head["prototypes"].to(parameter.device, parameter.dtype),
                    head["logit_scale"].to(parameter.device), head["logit_bias"].to(parameter.device),
-                   meta["classes"], processor)
-        task._meta = meta
+                   meta["classes"], processor, source=meta)
         return task
 
 
@@ -632,15 +631,16 @@ class HyperFlowAdapter:
         batch = self.adapt_batch(torch.cat(pixel_list), torch.cat(label_list), sizes,
                                  [len(c) for c in class_lists], steps=steps, integrator=integrator)
         drift = self.drift
+        states = [batch.state.select(i) for i in range(len(class_lists))]
         return [
             AdaptedTask(
-                _HyperFlowEmbedder(self.tuner, batch.state.select(i)),
+                _HyperFlowEmbedder(self.tuner, states[i]),
                 batch.prototypes[i, : len(names)],
                 drift.logit_scale.detach().clone(),
                 drift.logit_bias.detach().clone(),
                 names,
                 self.image_processor,
-                state=batch.state.select(i),
+                state=states[i],
                 tuner=self.tuner,
                 config=self.config,
                 source={"source_adapter": self.name_or_path, "source_adapter_revision": self.revision,
@@ -779,9 +779,10 @@ class HyperFlowAdapter:
                 f"This HyperFlow adapter was made for a {config.backbone_model_type!r} backbone, but the backbone "
                 f"given is a {model_type!r}. Load it onto the backbone it was trained for."
             )
-        if config.backbone_fingerprint and config.backbone_fingerprint != backbone_fingerprint(backbone):
+        fingerprint = backbone_fingerprint(backbone) if config.backbone_fingerprint else None
+        if fingerprint is not None and fingerprint != config.backbone_fingerprint:
             message = (
-                f"The backbone's weights (fingerprint {backbone_fingerprint(backbone)}) differ from those this "
+                f"The backbone's weights (fingerprint {fingerprint}) differ from those this "
                 f"adapter was trained with ({config.backbone_fingerprint}). Load the same checkpoint, or pass "
                 f"strict_backbone=False to use it anyway."
             )

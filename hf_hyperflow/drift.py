@@ -188,9 +188,9 @@ class DriftNet(nn.Module):
         if self.modules_order:
             projections = []
             for m, module in enumerate(self.modules_order):
-                flat = torch.cat([state[e.key].reshape(num_tasks, -1) for e in self.module_entries[module]], 1)
-                if any(e.group == "lora" and e.param == "A" for e in self.module_entries[module]):
-                    flat = flat - self._theta0_flat(module, flat)
+                # The module's displacement from theta_0 (LoRA A factors start at A_0, everything else at 0).
+                flat = torch.cat([self._from_theta0(state, e).reshape(num_tasks, -1)
+                                  for e in self.module_entries[module]], 1)
                 projections.append(flat @ self.state_in[m].T)
             projections = torch.stack(projections, 1)  # [T, M, P]
             num_modules = len(self.modules_order)
@@ -221,15 +221,11 @@ class DriftNet(nn.Module):
         """The fixed LoRA A factor of theta_0 for a ``lora.A`` state key (shape without the task axis)."""
         return getattr(self, f"theta0_{self._entry_index[key]}")
 
-    def _theta0_flat(self, module: str, like: torch.Tensor) -> torch.Tensor:
-        """theta_0 of one module as a flat ``Tensor[1, numel]`` (zeros except the LoRA A part)."""
-        parts = []
-        for e in self.module_entries[module]:
-            if e.group == "lora" and e.param == "A":
-                parts.append(self.theta0(e.key).reshape(1, -1))
-            else:
-                parts.append(torch.zeros(1, e.numel))
-        return torch.cat(parts, 1).to(like)
+    def _from_theta0(self, state: TaskState, entry: StateEntry) -> torch.Tensor:
+        """``state[entry] - theta_0[entry]``: ``Tensor[T, ...]``."""
+        if entry.group == "lora" and entry.param == "A":
+            return state[entry.key] - self.theta0(entry.key).to(state[entry.key])
+        return state[entry.key]
 
     def logits(self, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """Cosine prototype classifier: ``scale * (cos(f, p_c) + bias)``.

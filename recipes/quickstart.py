@@ -38,8 +38,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-steps", type=int, default=80, help="meta-training optimizer steps")
     args = parser.parse_args(argv)
 
-    import torch
-
     from hf_hyperflow import HyperFlowAdapter
     from hf_hyperflow.episodes import ClassSplit, load_image_dataset
     from hf_hyperflow.evaluation import (
@@ -54,7 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
     from recipes.data import BUILDERS
 
     started = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     # 1. data
     for name in ("glyphs_default", "digits"):
         if not (args.data / name).exists():
