@@ -45,6 +45,10 @@ def targets(results: dict) -> list[str]:
                            lambda v: v >= 0.8, "{:.0%}"))
         for name, value, ok, pattern in checks:
             shown = "-" if value is None else pattern.format(value)
+            if name.startswith("accuracy gain") and value is not None:
+                shown += (f" (hyperflow {row['accuracy'] - methods['dt']['accuracy']:+.2f} points, ft-shift "
+                          f"{methods['ft-shift']['accuracy'] - methods['dt']['accuracy']:+.2f} points, its 95% CI ± "
+                          f"{methods['ft-shift']['ci95']:.2f})")
             met = "-" if value is None else ("yes" if ok(value) else "no")
             lines.append(f"| {name} | {domain} | {shown} | {met} |")
     return lines
@@ -52,7 +56,7 @@ def targets(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--run", type=Path, help="the run folder (required unless --render-only)")
     parser.add_argument("--data", type=Path, default=Path("data"))
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--ft-episodes", type=int, default=30, help="episodes of ft-lora / ft-shift / ft-head")
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render-only", action="store_true",
                         help="only rewrite <output>/RESULTS.md from <output>/results/results.json")
     args = parser.parse_args(argv)
+    if args.run is None and not args.render_only:
+        parser.error("--run is required: the run folder of recipes/quickstart.py (or give --render-only)")
     if args.render_only:
         import json
 
