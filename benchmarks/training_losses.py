@@ -56,14 +56,13 @@ def train_mode(mode: str, run: Path, workdir: Path, data: Path, max_steps: int, 
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
     metrics_file = output_dir / "metrics.json"
-    finished = (metrics_file.is_file() and (output_dir / "final").is_dir()
-                and json.loads(metrics_file.read_text()).get("step") == max_steps)
-    if finished:
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    if metrics.get("step") == max_steps and (output_dir / "final").is_dir():
         print(f"[training_losses] {mode}: {output_dir} already holds a finished {max_steps}-step run", flush=True)
-    else:
-        resume = ["--resume"] if (output_dir / "checkpoints").exists() else []
-        print(f"[training_losses] {mode}: {shlex.join(command + resume)}", flush=True)
-        subprocess.run(command + resume, check=True, cwd=REPO)
+        return output_dir / "final", metrics
+    resume = ["--resume"] if (output_dir / "checkpoints").exists() else []
+    print(f"[training_losses] {mode}: {shlex.join(command + resume)}", flush=True)
+    subprocess.run(command + resume, check=True, cwd=REPO)
     return output_dir / "final", json.loads(metrics_file.read_text())
 
 
@@ -82,28 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModel
 
+    from benchmarks.benchmark import benchmark_domains
     from hf_hyperflow import HyperFlowAdapter
-    from hf_hyperflow.episodes import ClassSplit, load_image_dataset
     from hf_hyperflow.evaluation import Evaluator, machine_description, run_evaluation
-    from recipes.data import BUILDERS
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    for name in ("glyphs_default", "digits", "fashion_mnist"):
-        if not (args.data / name).exists():
-            BUILDERS[name].build(args.data / name)
     trajectories = args.run / "training" / "trajectories" / "glyphs_default"
     if not (trajectories / "store.json").is_file():
         raise FileNotFoundError(f"{trajectories} holds no trajectory store: run `python recipes/quickstart.py "
                                 f"--output {args.run}` first (it records the teacher trajectories).")
-    fixed = {"protocol": "fixed", "ways": 5, "shots": 5, "queries": 15}
-    glyph_split = ClassSplit.load(args.run / "training" / "class_splits" / "glyphs_default.json")
-    domains = {
-        "glyphs_default (held-out scripts)": (load_image_dataset(args.data / "glyphs_default"),
-                                              {**fixed, "split": "test", "class_split": glyph_split}),
-        **{f"{name} (out of domain)": (load_image_dataset(args.data / name), {**fixed, "split": None})
-           for name in ("digits", "fashion_mnist")},
-    }
+    domains = benchmark_domains(args.run, args.data)
     report = {"meta": {"command": "python benchmarks/training_losses.py " + shlex.join(argv or sys.argv[1:]),
                        "machine": machine_description(), "date": date.today().isoformat(),
                        "episodes": args.episodes, "max_steps": args.max_steps, "run": str(args.run)},
