@@ -32,7 +32,7 @@ from .adapter import AdaptedTask, HyperFlowAdapter
 from .config import INTEGRATOR_NAMES
 from .episodes import Episode, EpisodeSampler
 from .finetune import DEFAULT_LR_GRID, finetune, select_lr
-from .stats import mean_confidence_interval
+from .stats import mean_confidence_interval, paired_difference
 
 __all__ = ["Method", "parse_method", "measure_peak_memory", "Evaluator", "FT_GROUPS", "results_markdown",
            "run_evaluation", "write_outputs", "machine_description"]
@@ -232,6 +232,7 @@ class Evaluator:
                 summary[method.name]["lr"] = lrs[method.name]["lr"]
                 summary[method.name]["lr_table"] = lrs[method.name]["table"]
         add_ratios(summary)
+        add_paired_gains(summary, {name: [100.0 * a for a in record["accuracy"]] for name, record in records.items()})
         out = {"methods": summary, "episode_rows": rows, "per_episode_accuracy":
                {m: records[m]["accuracy"] for m in records}}
         if batch_tasks > 1 and any(m.kind == "hyperflow" for m in self.methods):
@@ -325,6 +326,40 @@ def add_ratios(summary: dict[str, dict]) -> None:
                 row["memory_vs_ft_full"] = row["peak_memory_bytes"] / full["peak_memory_bytes"]
 
 
+def add_paired_gains(summary: dict[str, dict], accuracies: dict[str, list[float]]) -> None:
+    """Paired gains over ``dt`` and shares of the best fine-tuning variant's gain (in place).
+
+    Every method runs on a prefix of the same seeded episode sequence (``dt`` on all of it), so each row
+    gets ``gain_vs_dt`` / ``gain_vs_dt_ci95``: the mean over its episodes of (its accuracy - dt's) with the
+    95% CI of that mean. The best fine-tuning variant is the ``ft-*`` row with the largest paired gain;
+    every other row that ran on (at least) that variant's episodes gets ``share_of_best_ft``: its own paired
+    gain on exactly those episodes divided by the variant's (None when the variant does not beat dt).
+
+    Args:
+        summary: ``method -> row`` of one dataset.
+        accuracies: ``method -> [n_method]`` accuracies in percent, episode i of every method the same task.
+    """
+    if "dt" not in accuracies:
+        return
+    dt = accuracies["dt"]
+    for name, values in accuracies.items():
+        if name != "dt":
+            mean, half = paired_difference(values, dt[: len(values)])
+            summary[name].update(gain_vs_dt=mean, gain_vs_dt_ci95=half)
+    fine_tuned = [name for name in accuracies if name.startswith("ft-")]
+    if not fine_tuned:
+        return
+    best = max(fine_tuned, key=lambda name: summary[name]["gain_vs_dt"])
+    count = len(accuracies[best])
+    reference_gain = summary[best]["gain_vs_dt"]
+    for name, values in accuracies.items():
+        if name == "dt" or len(values) < count:
+            continue
+        gain = paired_difference(values[:count], dt[:count])[0]
+        share = gain / reference_gain if reference_gain > 1e-9 else None
+        summary[name].update(best_ft=best, best_ft_episodes=count, share_of_best_ft=share)
+
+
 def gain_fraction(summary: dict[str, dict], method: str = "hyperflow", reference: str = "ft-shift") -> float | None:
     """``(acc[method] - acc[dt]) / (acc[reference] - acc[dt])``: the share of the reference's gain over dt
     (None when the reference does not beat dt)."""
@@ -342,6 +377,12 @@ def _fmt(value, pattern: str) -> str:
     return pattern.format(value)
 
 
+def _paired(row: dict) -> str:
+    if row.get("gain_vs_dt") is None:
+        return "-"
+    return f"{row['gain_vs_dt']:+.2f} ±{row['gain_vs_dt_ci95']:.2f}"
+
+
 def results_markdown(results: dict) -> str:
     """The results as Markdown tables, one per dataset."""
     meta = results.get("meta", {})
@@ -352,17 +393,23 @@ def results_markdown(results: dict) -> str:
         lines += [f"Command: `{meta['command']}`", ""]
     for dataset, methods in results["results"].items():
         lines += [f"### {dataset}", "",
-                  "| method | accuracy % | 95% CI | episodes | adapt s | query s | peak memory | vs dt (time) | "
-                  "vs ft-full (time) | vs ft-full (memory) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | accuracy % | 95% CI | episodes | gain vs dt (paired) | share of best ft | adapt s | "
+                  "query s | peak memory | vs dt (time) | vs ft-full (time) | vs ft-full (memory) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in methods.items():
             memory = row.get("peak_memory_bytes")
             lines.append(
                 f"| {name} | {row['accuracy']:.2f} | ±{row['ci95']:.2f} | {row['episodes']} | "
+                f"{_paired(row)} | {_fmt(row.get('share_of_best_ft'), '{:.0%}')} | "
                 f"{row['adapt_latency_s']:.4f} | {row['query_latency_s']:.4f} | "
                 f"{_fmt(memory / 2**20 if memory is not None else None, '{:.1f} MiB')} | "
                 f"{_fmt(row.get('latency_vs_dt'), '{:.2f}x')} | {_fmt(row.get('latency_vs_ft_full'), '{:.4f}x')} | "
                 f"{_fmt(row.get('memory_vs_ft_full'), '{:.3f}x')} |")
+        best = next((row["best_ft"] for row in methods.values() if row.get("best_ft")), None)
+        if best:
+            lines += ["", f"Paired gains: mean over the same episodes of (method - dt), ±95% CI. Share of best ft: "
+                          f"the method's paired gain on the first {methods[best]['episodes']} episodes over that of "
+                          f"{best}, the fine-tuning variant that gains most here."]
         share = gain_fraction(methods)
         if share is not None:
             lines.append("")

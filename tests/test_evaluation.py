@@ -13,7 +13,14 @@ from PIL import Image
 
 from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.episodes import ClassSplit
-from hf_hyperflow.evaluation import Evaluator, add_ratios, gain_fraction, measure_peak_memory, parse_method
+from hf_hyperflow.evaluation import (
+    Evaluator,
+    add_paired_gains,
+    add_ratios,
+    gain_fraction,
+    measure_peak_memory,
+    parse_method,
+)
 from hf_hyperflow.stats import mean_confidence_interval
 
 CLASSES = [f"class-{i:02d}" for i in range(10)]
@@ -108,6 +115,32 @@ def test_ratios_and_gain_fraction():
     assert summary["hyperflow"]["latency_vs_ft_full"] == 0.015
     assert summary["hyperflow"]["memory_vs_ft_full"] == 0.02
     assert gain_fraction(summary) == pytest.approx(0.8)
+
+
+def test_paired_gains_and_share_of_best_fine_tuning():
+    accuracies = {"dt": [50.0, 60.0, 70.0, 80.0],
+                  "ft-full": [60.0, 70.0],                  # +10 on the first two episodes
+                  "ft-shift": [52.0, 62.0, 72.0, 82.0],     # +2 on all four
+                  "hyperflow": [55.0, 63.0, 71.0, 79.0]}    # +5, +3, +1, -1
+    summary = {name: {} for name in accuracies}
+    add_paired_gains(summary, accuracies)
+    assert summary["ft-full"]["gain_vs_dt"] == pytest.approx(10.0)
+    assert summary["ft-full"]["gain_vs_dt_ci95"] == 0.0
+    assert summary["hyperflow"]["gain_vs_dt"] == pytest.approx(2.0)
+    assert summary["hyperflow"]["gain_vs_dt_ci95"] == pytest.approx(1.96 * 5 ** 0.5 / 2)
+    assert summary["hyperflow"]["best_ft"] == "ft-full"
+    assert summary["hyperflow"]["best_ft_episodes"] == 2
+    assert summary["hyperflow"]["share_of_best_ft"] == pytest.approx(0.4)   # +4 of ft-full's +10
+    assert summary["ft-shift"]["share_of_best_ft"] == pytest.approx(0.2)
+    assert "gain_vs_dt" not in summary["dt"]
+
+
+def test_share_is_none_when_no_fine_tuning_beats_dt():
+    accuracies = {"dt": [50.0, 60.0], "ft-shift": [49.0, 59.0], "hyperflow": [51.0, 61.0]}
+    summary = {name: {} for name in accuracies}
+    add_paired_gains(summary, accuracies)
+    assert summary["hyperflow"]["gain_vs_dt"] == pytest.approx(1.0)
+    assert summary["hyperflow"]["share_of_best_ft"] is None
 
 
 def test_validation_split_chooses_the_lr(adapter, dataset):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_hyperflow.stats import mean_confidence_interval
+from hf_hyperflow.stats import mean_confidence_interval, paired_difference
 
 
 def test_known_sample():
@@ -54,3 +54,27 @@ def test_errors():
         mean_confidence_interval([1.0], z=-1.0)
     with pytest.raises(ValueError, match=r"values must be a 1-D sequence of numbers, got list"):
         mean_confidence_interval(["a", "b"])
+
+
+def test_paired_difference_known_answer():
+    # differences 1, 1, 4: mean 2, population std sqrt(2)
+    mean, half = paired_difference([2.0, 3.0, 9.0], [1.0, 2.0, 5.0])
+    assert mean == pytest.approx(2.0, rel=1e-15)
+    assert half == pytest.approx(1.96 * math.sqrt(2.0) / math.sqrt(3.0), rel=1e-12)
+
+
+def test_paired_difference_is_narrower_than_unpaired_for_correlated_episodes():
+    rng = np.random.default_rng(0)
+    hardness = rng.uniform(40, 100, size=200)
+    baseline = hardness + rng.normal(0, 1, size=200)
+    method = hardness + 2 + rng.normal(0, 1, size=200)
+    mean, half = paired_difference(method, baseline)
+    assert 1.5 < mean < 2.5
+    assert half < mean_confidence_interval(method)[1] / 5
+
+
+def test_paired_difference_errors():
+    with pytest.raises(ValueError, match=r"paired values need the same episodes: got shapes \(2,\) and \(3,\)"):
+        paired_difference([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"values must all be finite"):
+        paired_difference([1.0, float("inf")], [1.0, 2.0])
