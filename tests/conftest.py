@@ -70,3 +70,33 @@ def randomize_drift(adapter, scale: float = 0.05, seed: int = 0) -> None:
 @pytest.fixture(params=MODEL_TYPES)
 def model_type(request) -> str:
     return request.param
+
+
+def digit_images(classes: int = 3, per_class: int = 3, size: int = 40) -> dict[str, list]:
+    """Real images from scikit-learn's bundled handwritten digits: ``{"digit_0": [PIL RGB image, ...], ...}``,
+    the first ``per_class`` images of each of the first ``classes`` digits, black ink on white, ``size`` px."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    folders: dict[str, list] = {}
+    for digit in range(classes):
+        rows = [i for i, target in enumerate(bunch.target) if target == digit][:per_class]
+        folders[f"digit_{digit}"] = [
+            Image.fromarray((255 - bunch.images[i] * (255 / 16)).round().astype("uint8"), mode="L")
+            .resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+            for i in rows
+        ]
+    return folders
+
+
+def write_image_folder(root, images_by_class: dict[str, list]):
+    """Save ``{class: [PIL images]}`` as an image folder (``root/class/NN.png``); returns ``root`` as a Path."""
+    from pathlib import Path
+
+    root = Path(root)
+    for name, images in images_by_class.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(root / name / f"{i:02d}.png")
+    return root
