@@ -45,8 +45,9 @@ def _class_files(root: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def load_support_folder(folder: str | os.PathLike) -> tuple[list[Image.Image], list[str]]:
-    """The images and labels of a support folder (one subfolder per class), read with ``imagefolder``.
+def load_support_folder(folder: str | os.PathLike, *, progress: bool = False) -> tuple[list[Image.Image], list[str]]:
+    """The images and labels of a support folder (one subfolder per class), read with ``imagefolder``
+    (``progress``: a tqdm bar while decoding, shown on a terminal).
 
     Returns:
         ``(images, labels)``: RGB PIL images (EXIF orientation applied) and their class names (the subfolder
@@ -82,7 +83,7 @@ def load_support_folder(folder: str | os.PathLike) -> tuple[list[Image.Image], l
                                  f"remove it from the support folder.")
     decoder = datasets.Image(mode="RGB")
     images = []
-    for row in dataset["image"]:
+    for row in _progress(dataset["image"], progress, "support images"):
         try:
             images.append(decoder.decode_example(row))
         except (OSError, ValueError) as error:  # PIL.UnidentifiedImageError is an OSError
@@ -90,6 +91,13 @@ def load_support_folder(folder: str | os.PathLike) -> tuple[list[Image.Image], l
                                      f"it.") from error
     labels = [names[i] for i in dataset.data.column("label").to_pylist()]
     return images, labels
+
+
+def _progress(items, progress: bool, desc: str):
+    """``items`` wrapped in a tqdm bar when ``progress`` (tqdm shows it on a terminal only)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="image", disable=None if progress else True, leave=False)
 
 
 def _extensions_hint() -> str:

@@ -1,0 +1,197 @@
+"""The ``hf-hyperflow`` command.
+
+    hf-hyperflow adapt --backbone DIR_OR_ID --adapter DIR_OR_ID --support FOLDER --output TASK_DIR
+    hf-hyperflow predict --task TASK_DIR IMAGE_OR_FOLDER... [--csv predictions.csv]
+
+``FOLDER`` holds one subfolder of images per class (``FOLDER/cat/1.jpg``, ``FOLDER/dog/2.png``...).
+Errors in what was given (a folder that cannot be a task, a missing file, an unreadable image) print one
+line, ``hf-hyperflow: error: ...``, and exit with status 1; a wrong command line exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+PROG = "hf-hyperflow"
+
+
+def _local_or_hub(value: str) -> str:
+    """An existing local path as an absolute path (recorded in what is saved), anything else as given."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _add_adapt(commands) -> None:
+    parser = commands.add_parser(
+        "adapt", help="adapt to the classes of an image folder and save the task",
+        description="Adapt a backbone to the classes of a support folder with a HyperFlow adapter (forward passes "
+                    "only) and save the adapted task: a plain PEFT LoRA adapter plus its prototype head.")
+    parser.add_argument("--backbone", required=True, type=_local_or_hub,
+                        help="the backbone the adapter was made for: an AutoModel folder or Hub id")
+    parser.add_argument("--adapter", required=True, type=_local_or_hub,
+                        help="a HyperFlow adapter folder or Hub id")
+    parser.add_argument("--revision", default=None, help="revision (branch, tag, commit) of a Hub adapter")
+    parser.add_argument("--support", required=True, type=Path,
+                        help="the support folder: one subfolder of images per class, at least two classes")
+    parser.add_argument("--output", required=True, type=Path, help="the folder to save the adapted task in")
+    parser.add_argument("--steps", type=_positive, default=None, help="integration steps (default: the adapter's)")
+    parser.add_argument("--integrator", choices=["euler", "midpoint", "heun", "rk4"], default=None,
+                        help="integrator (default: the adapter's)")
+    parser.set_defaults(run=run_adapt)
+
+
+def _add_predict(commands) -> None:
+    parser = commands.add_parser(
+        "predict", help="classify images with a saved task",
+        description="Classify images with a task saved by 'hf-hyperflow adapt'. Writes CSV: image, label, score "
+                    "(the label's probability), then one probability column per class.")
+    parser.add_argument("--task", required=True, type=Path, help="a task folder written by 'hf-hyperflow adapt'")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                        help="image files, or folders (every file inside, sorted)")
+    parser.add_argument("--csv", type=Path, default=None, help="write the predictions here (default: standard output)")
+    parser.add_argument("--backbone", type=_local_or_hub, default=None,
+                        help="the backbone folder or Hub id (default: the one the task records)")
+    parser.add_argument("--batch-size", type=_positive, default=32, help="images per forward pass (default 32)")
+    parser.set_defaults(run=run_predict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_adapt(commands)
+    _add_predict(commands)
+    return parser
+
+
+def run_adapt(args: argparse.Namespace) -> None:
+    """Load backbone and adapter, read the support folder, adapt, save the task, print one summary line."""
+    from transformers import AutoModel
+
+    from . import HyperFlowAdapter
+    from .folders import load_support_folder
+
+    images, labels = load_support_folder(args.support, progress=True)  # bad folders fail before any loading
+    backbone = AutoModel.from_pretrained(args.backbone).eval()
+    adapter = HyperFlowAdapter.from_pretrained(backbone, args.adapter, revision=args.revision)
+    start = time.perf_counter()
+    task = adapter.adapt(images, labels, steps=args.steps, integrator=args.integrator)
+    seconds = time.perf_counter() - start
+    task.save_pretrained(args.output)
+    print(f"Adapted to {len(task.classes)} classes ({', '.join(map(str, task.classes))}) from {len(images)} images "
+          f"in {seconds:.2f} s; task saved to {args.output}")
+
+
+def _task_backbone(task_dir: Path, given: str | None) -> str:
+    """The backbone to load a task onto: ``given``, else the one the task's ``hyperflow_task.json`` records."""
+    from .io import read_json_checked
+
+    meta = read_json_checked(task_dir / "hyperflow_task.json")
+    if given is not None:
+        return given
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    recorded = meta.get("base_model") or ""
+    if not Path(recorded).expanduser().exists():
+        try:
+            validate_repo_id(recorded)
+        except HFValidationError:
+            raise FileNotFoundError(f"{task_dir} records the backbone {recorded!r}, which is neither a folder here "
+                                    f"nor a Hub id: pass --backbone FOLDER_OR_HUB_ID.") from None
+    return recorded
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    """Load the task onto its backbone, classify the images batch by batch, write CSV rows."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModel
+
+    from . import AdaptedTask
+    from .folders import image_files, load_image_files
+
+    if not args.task.is_dir():
+        raise FileNotFoundError(f"{args.task} is not a folder: give a task folder written by '{PROG} adapt'.")
+    files = image_files(args.images)
+    backbone = AutoModel.from_pretrained(_task_backbone(args.task, args.backbone)).eval()
+    task = AdaptedTask.from_pretrained(backbone, args.task)
+    handle = args.csv.open("w", newline="") if args.csv else sys.stdout
+    try:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label", "score", *task.classes])
+        with tqdm(total=len(files), desc="predict", unit="image", disable=None) as bar:
+            for start in range(0, len(files), args.batch_size):
+                batch = files[start:start + args.batch_size]
+                probabilities = task.predict_proba(load_image_files(batch))
+                best = probabilities.argmax(-1).tolist()
+                for path, row, i in zip(batch, probabilities.tolist(), best, strict=True):
+                    writer.writerow([str(path), task.classes[i], repr(row[i]), *map(repr, row)])
+                bar.update(len(batch))
+    finally:
+        if args.csv:
+            handle.close()
+    if args.csv:
+        print(f"Wrote {len(files)} predictions to {args.csv}")
+
+
+@contextlib.contextmanager
+def _library_bars(show: bool):
+    """Within the block, the progress bars of datasets, transformers and huggingface_hub show only when ``show``
+    (as tqdm's own do: on a terminal); their previous settings come back afterwards."""
+    import datasets
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    switches = [(datasets.is_progress_bar_enabled(), datasets.disable_progress_bars, datasets.enable_progress_bars),
+                (transformers_logging.is_progress_bar_enabled(), transformers_logging.disable_progress_bar,
+                 transformers_logging.enable_progress_bar),
+                (not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars,
+                 hub_utils.enable_progress_bars)]
+    for enabled, disable, _ in switches:
+        if enabled and not show:
+            disable()
+    try:
+        yield
+    finally:
+        for enabled, _, enable in switches:
+            if enabled and not show:
+                enable()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 done, 1 an error in what was given, 2 a usage error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        with _library_bars(sys.stderr.isatty()):
+            args.run(args)
+    except (ValueError, OSError, ImportError) as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
