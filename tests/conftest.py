@@ -72,6 +72,14 @@ def model_type(request) -> str:
     return request.param
 
 
+def missing_requirement(message: str) -> None:
+    """A test needs something this environment lacks (a console script, a browser): it fails under CI, whose
+    .ci/run installs everything, and is skipped elsewhere with ``message`` saying what to install."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def digit_images(classes: int = 3, per_class: int = 3, size: int = 40) -> dict[str, list]:
     """Real images from scikit-learn's bundled handwritten digits: ``{"digit_0": [PIL RGB image, ...], ...}``,
     the first ``per_class`` images of each of the first ``classes`` digits, black ink on white, ``size`` px."""

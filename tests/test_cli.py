@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import digit_images, make_backbone, randomize_drift, write_image_folder
+from conftest import digit_images, make_backbone, missing_requirement, randomize_drift, write_image_folder
 from transformers import AutoModel
 
 from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
@@ -24,7 +24,7 @@ def command() -> str:
     """The installed console script of this environment."""
     found = shutil.which("hf-hyperflow", path=str(Path(sys.executable).parent))
     if found is None:
-        pytest.fail("the hf-hyperflow console script is not installed in this environment: pip install -e .")
+        missing_requirement("the hf-hyperflow console script is not installed in this environment: pip install -e .")
     return found
 
 
