@@ -77,7 +77,7 @@ def missing_requirement(message: str) -> None:
     .ci/run installs everything, and is skipped elsewhere with ``message`` saying what to install."""
     if os.environ.get("CI"):
         pytest.fail(message)
-    pytest.skip(message)
+    pytest.skip(message, allow_module_level=True)
 
 
 def digit_images(classes: int = 3, per_class: int = 3, size: int = 40) -> dict[str, list]:
