@@ -1,10 +1,23 @@
 """Per-task delta layers. They know only their math.
 
-A layer wraps a frozen ``base_layer``. While a task delta is set, the rows of task i's images (rows
-``[sum(sizes[:i]), sum(sizes[:i+1]))`` of the batch, times the rows per image, e.g. Swin's windows) go
-through the base layer's own forward with task i's parameters: ``W + scaling * B_i @ A_i``, ``bias + db_i``,
-norm ``weight + dw_i``. One call of the base layer per task, whatever its kind (Conv2d with "same" padding,
-channels-first LayerNorm, timm's BatchNormAct2d...), and exact. With no delta set, a layer is its base layer.
+A layer wraps a frozen ``base_layer``. While the deltas of T tasks are set, task i owns the rows
+``[sum(rows[:i]), sum(rows[:i+1]))`` of a batch, ``rows[i] = sizes[i] * rows per image`` (e.g. Swin folds windows
+into the batch axis), and those rows see task i's parameters: ``W + scaling * B_i @ A_i``, ``bias + db_i``, norm
+``weight + dw_i``. With no delta set, a layer is its base layer.
+
+All T tasks go through one call of every kernel. The base layer runs once over all rows; the deltas are applied
+on a ``[T, n, ...]`` view of the rows (tasks of unequal sizes are padded to the largest by one gather and unpadded
+by another, see :class:`TaskRows`):
+
+- LoRA: ``scaling * B_i (A_i x)`` added to the base output: two batched matmuls (for a k x k Conv2d, ``A_i x`` is
+  the base convolution with ``A_i`` as its weight, vmapped over tasks: one grouped convolution);
+- bias shifts: a broadcast add;
+- BatchNorm shifts (running statistics): the per-task affine map ``x * a_i + c_i`` the norm amounts to, broadcast,
+  then the base layer with identity statistics, so that whatever follows inside it (timm's activation) still runs;
+- LayerNorm / GroupNorm shifts: normalisation without affine, then the per-task affine, broadcast.
+Norm layers of other kinds (subclasses with their own forward) call the base layer once per task with that task's
+parameters, as :meth:`HyperFlowLayer.forward_each` does for any layer: the definition the batched paths equal up to
+float rounding.
 
 Delta tensors (T tasks):
 - LoRA on Linear: ``A: [T, r, in]``, ``B: [T, out, r]``; on Conv2d: ``A: [T, r, in, kh, kw]``,
@@ -16,23 +29,63 @@ Delta tensors (T tasks):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.func import functional_call, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["HyperFlowLayer", "HyperFlowLinear", "HyperFlowConv2d", "HyperFlowNorm", "split_rows"]
+__all__ = ["HyperFlowLayer", "HyperFlowLinear", "HyperFlowConv2d", "HyperFlowNorm", "TaskRows", "split_rows"]
 
 
 def split_rows(rows: int, sizes: list[int]) -> list[int]:
     """Rows per task for a tensor with ``rows`` rows over ``sum(sizes)`` images (several rows per image
     when a model folds windows or tokens into the batch axis)."""
     images = sum(sizes)
-    if images == 0 or rows % images:
+    if images == 0 or rows % images or min(sizes) < 1:
         raise ValueError(
             f"A batch of {rows} rows cannot be split over tasks of {sizes} images: pass the images of all tasks "
-            f"in one batch, task after task, inside the task-delta context."
+            f"in one batch, task after task, at least one image per task, inside the task-delta context."
         )
     per_image = rows // images
     return [s * per_image for s in sizes]
+
+
+class TaskRows:
+    """The rows of T tasks in a batch ``[N, ...]`` seen as ``[T, n, ...]``, n the largest task's row count.
+
+    Tasks of equal sizes: a view both ways. Unequal: :meth:`split` pads every task with copies of its last row
+    (one gather) and :meth:`join` drops the padding (another gather).
+    """
+
+    def __init__(self, rows: list[int], device: torch.device):
+        self.num_tasks = len(rows)
+        self.width = max(rows)
+        self.equal = min(rows) == self.width
+        if not self.equal:
+            counts = torch.tensor(rows, device=device)
+            starts = counts.cumsum(0) - counts
+            offsets = torch.arange(self.width, device=device)
+            self._padded = (starts[:, None] + torch.minimum(offsets[None], counts[:, None] - 1)).flatten()
+            self._valid = (offsets[None] < counts[:, None]).flatten().nonzero().squeeze(1)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """``Tensor[N, ...] -> Tensor[T, n, ...]``."""
+        if not self.equal:
+            x = x.index_select(0, self._padded)
+        return x.reshape(self.num_tasks, self.width, *x.shape[1:])
+
+    def join(self, x: torch.Tensor) -> torch.Tensor:
+        """``Tensor[T, n, ...] -> Tensor[N, ...]``, the inverse of :meth:`split`."""
+        x = x.reshape(self.num_tasks * self.width, *x.shape[2:])
+        return x if self.equal else x.index_select(0, self._valid)
+
+
+def _per_task(vector: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """``[T, C] -> [T, 1, ..., C, ..., 1]`` of ``ndim`` dims with C on ``axis``, to broadcast over ``[T, n, ...]``."""
+    shape = [1] * ndim
+    shape[0], shape[axis] = vector.shape
+    return vector.reshape(shape)
 
 
 class HyperFlowLayer(BaseTunerLayer):
@@ -68,13 +121,21 @@ class HyperFlowLayer(BaseTunerLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self._active():
             return self.base_layer(x, *args, **kwargs)
+        rows = TaskRows(split_rows(x.shape[0], self.task_sizes), x.device)
+        return self._forward_tasks(x, rows, *args, **kwargs)
+
+    def _forward_tasks(self, x: torch.Tensor, rows: TaskRows, *args, **kwargs) -> torch.Tensor:
+        """The output for all tasks' rows, batched over tasks (each subclass's math)."""
+        raise NotImplementedError
+
+    def forward_each(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The output computed one task at a time: the base layer's own forward with each task's parameters."""
         base = self.get_base_layer()
-        rows = split_rows(x.shape[0], self.task_sizes)
         outputs = []
-        for i, x_i in enumerate(x.split(rows)):
+        for i, x_i in enumerate(x.split(split_rows(x.shape[0], self.task_sizes))):
             params = self._task_parameters({k: v[i] for k, v in self.task_delta.items()})
-            outputs.append(torch.func.functional_call(base, params, (x_i, *args), kwargs))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            outputs.append(functional_call(base, params, (x_i, *args), kwargs))
+        return torch.cat(outputs)
 
     def _task_parameters(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The base layer's parameters with one task's delta applied (tensors without the task axis)."""
@@ -133,6 +194,20 @@ class HyperFlowLinear(nn.Module, HyperFlowLayer):
 
     forward = HyperFlowLayer.forward
 
+    def _forward_tasks(self, x: torch.Tensor, rows: TaskRows, *args, **kwargs) -> torch.Tensor:
+        """``x: [N, ..., in] -> [N, ..., out]``; LoRA as ``[T, m, in] @ A^T @ B^T`` (m rows x tokens per task)."""
+        delta, num_tasks = self.task_delta, rows.num_tasks
+        y = rows.split(self.get_base_layer()(x, *args, **kwargs))  # [T, n, ..., out]
+        shape = y.shape
+        y = y.reshape(num_tasks, -1, shape[-1])  # [T, m, out]
+        if "A" in delta:
+            a, b = delta["A"].to(y.dtype), delta["B"].to(y.dtype)
+            h = torch.bmm(rows.split(x).reshape(num_tasks, -1, x.shape[-1]), a.transpose(1, 2))  # [T, m, r]
+            y = torch.baddbmm(y, h, b.transpose(1, 2), alpha=self.scaling)
+        if "bias" in delta:
+            y = y + delta["bias"].to(y.dtype)[:, None]
+        return rows.join(y.reshape(shape))
+
     def _task_parameters(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         base = self.get_base_layer()
         params = {}
@@ -155,6 +230,34 @@ class HyperFlowConv2d(HyperFlowLinear):
         self.in_features = base_layer.in_channels
         self.out_features = base_layer.out_channels
 
+    def _forward_tasks(self, x: torch.Tensor, rows: TaskRows, *args, **kwargs) -> torch.Tensor:
+        """``x: [N, C, H, W] -> [N, out, H', W']``; LoRA as ``B_i @ (A_i x)`` per output pixel."""
+        delta, num_tasks, n = self.task_delta, rows.num_tasks, rows.width
+        y = rows.split(self.get_base_layer()(x, *args, **kwargs))  # [T, n, out, H', W']
+        if "A" in delta:
+            a, b = delta["A"].to(y.dtype), delta["B"].to(y.dtype)
+            h = self._lora_a(rows.split(x), a)  # [T, n, r, H'W']
+            out, rank = b.shape[1:]
+            b = b[:, None].expand(num_tasks, n, out, rank).reshape(num_tasks * n, out, rank)
+            y = torch.baddbmm(y.reshape(num_tasks * n, out, -1), b, h.reshape(num_tasks * n, rank, -1),
+                              alpha=self.scaling).reshape(y.shape)
+        if "bias" in delta:
+            y = y + _per_task(delta["bias"].to(y.dtype), y.dim(), 2)
+        return rows.join(y)
+
+    def _lora_a(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``A_i x`` per task: ``x: [T, n, C, H, W]``, ``a: [T, r, C, kh, kw]`` -> ``[T, n, r, H'W']``."""
+        base = self.get_base_layer()
+        if base.kernel_size == (1, 1) and base.stride == (1, 1) and base.padding in ((0, 0), "valid", "same"):
+            return torch.matmul(a.flatten(2)[:, None], x.flatten(3))  # [T, 1, r, C] @ [T, n, C, HW]
+        # The base layer's own convolution (its padding, stride, dilation) with A_i as the weight.
+        zero_bias = {} if base.bias is None else {"bias": a.new_zeros(a.shape[1])}
+
+        def conv(a_i, x_i):
+            return functional_call(base, {"weight": a_i, **zero_bias}, (x_i,))
+
+        return vmap(conv)(a, x).flatten(3)
+
 
 class HyperFlowNorm(nn.Module, HyperFlowLayer):
     """LayerNorm / BatchNorm2d / GroupNorm (and subclasses such as timm's BatchNormAct2d or a
@@ -168,6 +271,59 @@ class HyperFlowNorm(nn.Module, HyperFlowLayer):
         self.in_features = self.out_features = base_layer.weight.shape[0]
 
     forward = HyperFlowLayer.forward
+
+    def _forward_tasks(self, x: torch.Tensor, rows: TaskRows, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        if isinstance(base, _BatchNorm) and not base.training and base.running_mean is not None:
+            return self._batch_norm_tasks(x, rows, *args, **kwargs)
+        if type(base) is nn.LayerNorm or type(base) is nn.GroupNorm:
+            return self._normalize_then_affine(x, rows)
+        return self.forward_each(x, *args, **kwargs)
+
+    def _affine(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every task's affine weight and bias: ``[T or 1, C]`` each (bias None when the norm has none)."""
+        base, delta = self.get_base_layer(), self.task_delta
+        weight = base.weight.to(dtype)[None] + (delta["weight"].to(dtype) if "weight" in delta else 0)
+        bias = None
+        if base.bias is not None:
+            bias = base.bias.to(dtype)[None] + (delta["bias"].to(dtype) if "bias" in delta else 0)
+        return weight, bias
+
+    def _batch_norm_tasks(self, x: torch.Tensor, rows: TaskRows, *args, **kwargs) -> torch.Tensor:
+        """``x: [N, C, ...]``: ``x * a_i + c_i`` per task (the norm with task i's affine), then the base layer with
+        identity statistics and affine (its own ops after the norm, e.g. an activation, still apply)."""
+        base = self.get_base_layer()
+        weight, bias = self._affine(x.dtype)
+        scale = weight * torch.rsqrt(base.running_var.to(x.dtype) + base.eps)  # [T, C]
+        shift = (0 if bias is None else bias) - base.running_mean.to(x.dtype) * scale
+        xt = rows.split(x)
+        normalized = torch.addcmul(_per_task(shift, xt.dim(), 2), xt, _per_task(scale, xt.dim(), 2))
+        return functional_call(base, self._identity_norm(base, x), (rows.join(normalized), *args), kwargs)
+
+    @staticmethod
+    def _identity_norm(base: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Statistics and affine that make a BatchNorm the identity map: mean 0, var 1 - eps, weight 1, bias 0."""
+        channels = base.weight.shape[0]
+        identity = {"running_mean": x.new_zeros(channels), "running_var": x.new_full((channels,), 1.0 - base.eps),
+                    "weight": x.new_ones(channels)}
+        if base.bias is not None:
+            identity["bias"] = x.new_zeros(channels)
+        return identity
+
+    def _normalize_then_affine(self, x: torch.Tensor, rows: TaskRows) -> torch.Tensor:
+        """nn.LayerNorm (affine over the trailing dims) / nn.GroupNorm (affine on axis 1), batched over tasks."""
+        base = self.get_base_layer()
+        weight, bias = self._affine(x.dtype)
+        if isinstance(base, nn.LayerNorm):
+            normalized = rows.split(F.layer_norm(x, base.normalized_shape, None, None, base.eps))
+            axis = normalized.dim() - 1
+        else:
+            normalized = rows.split(F.group_norm(x, base.num_groups, None, None, base.eps))
+            axis = 2
+        weight = _per_task(weight, normalized.dim(), axis)
+        out = normalized * weight if bias is None else torch.addcmul(
+            _per_task(bias, normalized.dim(), axis), normalized, weight)
+        return rows.join(out)
 
     def _task_parameters(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         base = self.get_base_layer()
