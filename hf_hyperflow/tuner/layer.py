@@ -202,7 +202,8 @@ class HyperFlowLinear(nn.Module, HyperFlowLayer):
         y = y.reshape(num_tasks, -1, shape[-1])  # [T, m, out]
         if "A" in delta:
             a, b = delta["A"].to(y.dtype), delta["B"].to(y.dtype)
-            h = torch.bmm(rows.split(x).reshape(num_tasks, -1, x.shape[-1]), a.transpose(1, 2))  # [T, m, r]
+            xt = rows.split(x).to(y.dtype).reshape(num_tasks, -1, x.shape[-1])
+            h = torch.bmm(xt, a.transpose(1, 2))  # [T, m, r]
             y = torch.baddbmm(y, h, b.transpose(1, 2), alpha=self.scaling)
         if "bias" in delta:
             y = y + delta["bias"].to(y.dtype)[:, None]
@@ -236,7 +237,7 @@ class HyperFlowConv2d(HyperFlowLinear):
         y = rows.split(self.get_base_layer()(x, *args, **kwargs))  # [T, n, out, H', W']
         if "A" in delta:
             a, b = delta["A"].to(y.dtype), delta["B"].to(y.dtype)
-            h = self._lora_a(rows.split(x), a)  # [T, n, r, H'W']
+            h = self._lora_a(rows.split(x).to(y.dtype), a)  # [T, n, r, H'W']
             out, rank = b.shape[1:]
             b = b[:, None].expand(num_tasks, n, out, rank).reshape(num_tasks * n, out, rank)
             y = torch.baddbmm(y.reshape(num_tasks * n, out, -1), b, h.reshape(num_tasks * n, rank, -1),
