@@ -26,7 +26,6 @@ from .backbones import backbone_fingerprint, embed, model_type_of, probe_feature
 from .config import HyperFlowConfig
 from .drift import DriftNet, TaskEncoding
 from .heads import class_prototypes, prototype_logits
-from .integrators import integrate
 from .io import load_safetensors_checked, read_json_checked
 from .prefix import FrozenPrefix, Uncacheable
 from .state import TaskState, parse_state_key
@@ -583,8 +582,7 @@ class HyperFlowAdapter:
                 task_features = self.task_features(pixel_values)
         features0 = task_features
         encoding = drift.encode_tasks(features0, labels, sizes, num_classes)
-        state0 = drift.initial_state(encoding)
-        state = integrate(lambda s, t: drift(s, t, encoding), state0, steps, method=integrator)
+        state = drift.integrate(encoding, steps, method=integrator)
         groups = set(self.config.groups)
         if groups & {"lora", "shift"}:
             with skipping_prefix(), self.tuner.task_deltas(state, sizes):

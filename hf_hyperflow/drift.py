@@ -10,6 +10,11 @@ the identity map on theta_0 (direct transfer).
 
 Drift of the head (a shift of every class prototype): a shared MLP over [prototype, z, time embedding,
 current shift of that prototype], applied to each class: equivariant to the order of the classes.
+
+Integration (:meth:`DriftNet.integrate`) runs in the coordinates of those output maps: the drift reads the
+state only through linear maps (``state_in``, the head's first layer), and a sum of drifts is a sum of hidden
+vectors through the output maps, so each evaluation works on ``[T, M, R]`` and ``[T, C, H]`` tensors and the
+state is formed once, at the end (:class:`FlowCoordinates`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .heads import class_prototypes, prototype_logits
+from .integrators import integrate
 from .state import StateEntry, TaskState, state_key
 
-__all__ = ["DriftNet", "TaskEncoding", "time_embedding"]
+__all__ = ["DriftNet", "FlowCoordinates", "TaskEncoding", "time_embedding"]
 
 
 def time_embedding(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -180,42 +186,83 @@ class DriftNet(nn.Module):
 
     def forward(self, state: TaskState, t: float | torch.Tensor, encoding: TaskEncoding) -> TaskState:
         """The drift d theta / dt at ``state`` and time ``t`` (a float or ``Tensor[T]``): a TaskState."""
-        num_tasks = encoding.num_tasks
-        z = encoding.embedding
-        times = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1).expand(num_tasks)
-        t_emb = time_embedding(times, self.time_embedding_size)
+        t_emb = self._time_embedding(t, encoding)
         out: dict[str, torch.Tensor] = {}
         if self.modules_order:
-            projections = []
-            for m, module in enumerate(self.modules_order):
-                # The module's displacement from theta_0 (LoRA A factors start at A_0, everything else at 0).
-                flat = torch.cat([self._from_theta0(state, e).reshape(num_tasks, -1)
-                                  for e in self.module_entries[module]], 1)
-                projections.append(flat @ self.state_in[m].T)
-            projections = torch.stack(projections, 1)  # [T, M, P]
-            num_modules = len(self.modules_order)
-            tokens = torch.cat([
-                z[:, None].expand(-1, num_modules, -1),
-                t_emb[:, None].expand(-1, num_modules, -1),
-                self.module_embedding[None].expand(num_tasks, -1, -1),
-                projections,
-            ], dim=2)
-            hidden = self.trunk(tokens)  # [T, M, R]
-            for m, module in enumerate(self.modules_order):
-                flat = hidden[:, m] @ self.state_out_weight[m].T + self.state_out_bias[m]
-                offset = 0
-                for e in self.module_entries[module]:
-                    out[e.key] = flat[:, offset : offset + e.numel].reshape(num_tasks, *e.shape)
-                    offset += e.numel
+            hidden = self._module_hidden(self.state_projections(state), t_emb, encoding)  # [T, M, R]
+            out.update(self._module_outputs(hidden, None))
         if "head" in self.groups:
             key = state_key("head", "prototypes")
-            prototypes = F.normalize(encoding.prototypes, dim=-1)
-            c = prototypes.shape[1]
-            inputs = torch.cat([
-                prototypes, state[key], z[:, None].expand(-1, c, -1), t_emb[:, None].expand(-1, c, -1),
-            ], dim=2)
-            out[key] = self.head_net(inputs) * encoding.class_mask[..., None].to(z.dtype)
+            inputs = self._head_inputs(state[key], t_emb, encoding)
+            out[key] = self.head_net(inputs) * encoding.class_mask[..., None].to(inputs.dtype)
         return TaskState({k: out[k] for k in state})
+
+    def integrate(self, encoding: TaskEncoding, steps: int, method: str = "euler", state0: TaskState | None = None,
+                  t0: float = 0.0, t1: float = 1.0, return_path: bool = False) -> TaskState | list[TaskState]:
+        """Integrate the drift from ``state0`` (default theta_0) with the named integrator.
+
+        Equal, up to float rounding, to ``integrate(lambda s, t: self(s, t, encoding), state0, ...)``, but the
+        integrator runs in the coordinates of the output maps (:class:`FlowCoordinates`): each evaluation costs the
+        trunk and the head on small tensors, and the state is formed once at the end (once per returned state).
+        Arguments and return value as in :func:`hf_hyperflow.integrators.integrate`.
+        """
+        state0 = self.initial_state(encoding) if state0 is None else state0
+        flow = _ReducedFlow(self, encoding, state0)
+        path = integrate(flow, flow.start(), steps, method=method, t0=t0, t1=t1, return_path=return_path)
+        return [flow.state(p) for p in path] if return_path else flow.state(path)
+
+    # -- pieces shared by forward() and the reduced flow ------------------------------------------
+    def _time_embedding(self, t: float | torch.Tensor, encoding: TaskEncoding) -> torch.Tensor:
+        """``Tensor[T, E]`` for a float time or per-task times ``Tensor[T]``."""
+        z = encoding.embedding
+        times = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1).expand(encoding.num_tasks)
+        return time_embedding(times, self.time_embedding_size)
+
+    def state_projections(self, state: TaskState) -> torch.Tensor:
+        """``Tensor[T, M, P]``: every module's displacement from theta_0, projected by its ``state_in``."""
+        projections = []
+        for m, module in enumerate(self.modules_order):
+            flat = torch.cat([self._from_theta0(state, e).reshape(state.num_tasks, -1)
+                              for e in self.module_entries[module]], 1)
+            projections.append(flat @ self.state_in[m].T)
+        return torch.stack(projections, 1)
+
+    def _module_hidden(self, projections: torch.Tensor, t_emb: torch.Tensor, encoding: TaskEncoding) -> torch.Tensor:
+        """The trunk over [z, time, module embedding, state projection] tokens: ``Tensor[T, M, R]``."""
+        num_tasks, num_modules = projections.shape[:2]
+        tokens = torch.cat([
+            encoding.embedding[:, None].expand(-1, num_modules, -1),
+            t_emb[:, None].expand(-1, num_modules, -1),
+            self.module_embedding[None].expand(num_tasks, -1, -1),
+            projections,
+        ], dim=2)
+        return self.trunk(tokens)
+
+    def _module_outputs(self, hidden: torch.Tensor, bias_weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Every module's output map of ``hidden: [T, M, R]``, split into its state entries.
+
+        ``bias_weight: Tensor[T]`` scales the output biases (None: 1), for sums of drifts (:class:`FlowCoordinates`).
+        """
+        num_tasks = hidden.shape[0]
+        out = {}
+        for m, module in enumerate(self.modules_order):
+            if bias_weight is None:
+                flat = F.linear(hidden[:, m], self.state_out_weight[m], self.state_out_bias[m])
+            else:
+                flat = torch.addcmul(F.linear(hidden[:, m], self.state_out_weight[m]), bias_weight[:, None],
+                                     self.state_out_bias[m])
+            offset = 0
+            for e in self.module_entries[module]:
+                out[e.key] = flat[:, offset : offset + e.numel].reshape(num_tasks, *e.shape)
+                offset += e.numel
+        return out
+
+    def _head_inputs(self, shift: torch.Tensor, t_emb: torch.Tensor, encoding: TaskEncoding) -> torch.Tensor:
+        """``Tensor[T, C, 2D + H + E]``: [normalised prototype, its current shift, z, time] per class."""
+        prototypes = F.normalize(encoding.prototypes, dim=-1)
+        c = prototypes.shape[1]
+        return torch.cat([prototypes, shift, encoding.embedding[:, None].expand(-1, c, -1),
+                          t_emb[:, None].expand(-1, c, -1)], dim=2)
 
     def theta0(self, key: str) -> torch.Tensor:
         """The fixed LoRA A factor of theta_0 for a ``lora.A`` state key (shape without the task axis)."""
@@ -237,3 +284,113 @@ class DriftNet(nn.Module):
             ``Tensor[..., Q, C]``.
         """
         return prototype_logits(features, prototypes, self.logit_scale, self.logit_bias)
+
+
+@dataclass
+class FlowCoordinates:
+    """T tasks' state ``state0 + sum_j c_j drift_j`` in the coordinates of the drift network's output maps.
+
+    A drift is, per module m, ``hidden_m @ W_m^T + b_m`` (``W_m = state_out_weight[m]``) and for the head
+    ``(hidden @ W^T + b) * class_mask`` (the head network's last layer): a linear combination of drifts is the
+    same combination of their hidden vectors, with the combination's coefficient sum on the biases. The
+    integrators only add these and scale them by floats or per-task ``Tensor[T]``, as they do TaskStates.
+
+    Attributes:
+        modules: ``Tensor[T, M, R]`` (None without the lora and shift groups).
+        head: ``Tensor[T, C, H]``, the head network's last hidden layer (None without the head group).
+        bias_weight: ``Tensor[T]``, the sum of the coefficients.
+    """
+
+    modules: torch.Tensor | None
+    head: torch.Tensor | None
+    bias_weight: torch.Tensor
+
+    def _parts(self) -> tuple:
+        return self.modules, self.head, self.bias_weight
+
+    def _zip(self, other: FlowCoordinates, fn) -> FlowCoordinates:
+        return FlowCoordinates(*(None if a is None else fn(a, b) for a, b in zip(self._parts(), other._parts(),
+                                                                                    strict=True)))
+
+    def __add__(self, other: FlowCoordinates) -> FlowCoordinates:
+        return self._zip(other, torch.add) if isinstance(other, FlowCoordinates) else NotImplemented
+
+    def __sub__(self, other: FlowCoordinates) -> FlowCoordinates:
+        return self._zip(other, torch.sub) if isinstance(other, FlowCoordinates) else NotImplemented
+
+    def __mul__(self, factor: float | torch.Tensor) -> FlowCoordinates:
+        """Scale by a float, or per task by a ``Tensor[T]``."""
+        if isinstance(factor, torch.Tensor) and factor.dim() == 1:
+            def scale(v):
+                return v * factor.reshape(-1, *([1] * (v.dim() - 1))).to(v.dtype)
+        elif isinstance(factor, (int, float)) or (isinstance(factor, torch.Tensor) and factor.dim() == 0):
+            def scale(v):
+                return v * factor
+        else:
+            return NotImplemented
+        return FlowCoordinates(*(None if v is None else scale(v) for v in self._parts()))
+
+    __rmul__ = __mul__
+
+
+class _ReducedFlow:
+    """The drift of encoded tasks as a function of :class:`FlowCoordinates` (what the integrators call), and the
+    TaskState a point stands for.
+
+    The drift reads the state only through linear maps (each module's ``state_in``, the head network's first
+    layer on the prototype shifts), so those maps of a point are the maps of ``state0`` plus the point's
+    coordinates through ``output map^T @ input map^T`` (``[R, P]`` per module, ``[H, H1]`` for the head).
+    """
+
+    def __init__(self, net: DriftNet, encoding: TaskEncoding, state0: TaskState):
+        self.net, self.encoding, self.state0 = net, encoding, state0
+        reference = encoding.embedding
+        self.mask = encoding.class_mask[..., None].to(reference.dtype)  # [T, C, 1]
+        if net.modules_order:
+            self.projections0 = net.state_projections(state0)  # [T, M, P]
+            self.kernel = torch.stack([w.T @ p.T for w, p in zip(net.state_out_weight, net.state_in, strict=True)])
+            self.offset = torch.stack([b @ p.T for b, p in zip(net.state_out_bias, net.state_in, strict=True)])
+        if "head" in net.groups:
+            first, last, d = net.head_net[0], net.head_net[-1], net.feature_size
+            no_time = reference.new_zeros(encoding.num_tasks, net.time_embedding_size)
+            inputs = net._head_inputs(state0[state_key("head", "prototypes")], no_time, encoding)
+            self.head_constant = F.linear(inputs, first.weight, first.bias)  # [T, C, H1]
+            self.head_time = first.weight[:, -net.time_embedding_size:]  # [H1, E]
+            shift_in = first.weight[:, d : 2 * d]  # [H1, D]
+            self.head_kernel = last.weight.T @ shift_in.T  # [H, H1]
+            self.head_offset = last.bias @ shift_in.T  # [H1]
+            self.head_hidden = net.head_net[1:-1]
+
+    def start(self) -> FlowCoordinates:
+        """The point ``state0`` (all coordinates 0)."""
+        net, reference, num_tasks = self.net, self.encoding.embedding, self.encoding.num_tasks
+        modules = head = None
+        if net.modules_order:
+            modules = reference.new_zeros(num_tasks, len(net.modules_order), self.kernel.shape[1])
+        if "head" in net.groups:
+            head = reference.new_zeros(num_tasks, self.mask.shape[1], self.head_kernel.shape[0])
+        return FlowCoordinates(modules, head, reference.new_zeros(num_tasks))
+
+    def __call__(self, point: FlowCoordinates, t: float | torch.Tensor) -> FlowCoordinates:
+        """The drift at ``point`` and time ``t``, as coordinates (hidden vectors, bias weight 1)."""
+        net, encoding, weight = self.net, self.encoding, point.bias_weight[:, None, None]
+        t_emb = net._time_embedding(t, encoding)
+        modules = head = None
+        if point.modules is not None:
+            moved = torch.einsum("tmr,mrp->tmp", point.modules, self.kernel) + weight * self.offset
+            modules = net._module_hidden(self.projections0 + moved, t_emb, encoding)
+        if point.head is not None:
+            shift = self.mask * torch.addcmul(point.head @ self.head_kernel, weight, self.head_offset)
+            head = self.head_hidden(self.head_constant + (t_emb @ self.head_time.T)[:, None] + shift)
+        return FlowCoordinates(modules, head, torch.ones_like(point.bias_weight))
+
+    def state(self, point: FlowCoordinates) -> TaskState:
+        """The TaskState ``point`` stands for."""
+        moved = {}
+        if point.modules is not None:
+            moved.update(self.net._module_outputs(point.modules, point.bias_weight))
+        if point.head is not None:
+            last = self.net.head_net[-1]
+            moved[state_key("head", "prototypes")] = self.mask * torch.addcmul(
+                F.linear(point.head, last.weight), point.bias_weight[:, None, None], last.bias)
+        return TaskState({k: v + moved[k] for k, v in self.state0.items()})
