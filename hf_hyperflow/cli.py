@@ -133,7 +133,7 @@ def run_predict(args: argparse.Namespace) -> None:
     task = AdaptedTask.from_pretrained(backbone, args.task)
     handle = args.csv.open("w", newline="") if args.csv else sys.stdout
     try:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["image", "label", "score", *task.classes])
         with tqdm(total=len(files), desc="predict", unit="image", disable=None) as bar:
             for start in range(0, len(files), args.batch_size):

@@ -62,7 +62,8 @@ class FewShotImageClassificationPipeline(Pipeline):
         adapter: a HyperFlow adapter folder or Hub id, or a :class:`HyperFlowAdapter` built on ``model``.
         adapter_revision: revision of a Hub adapter. strict_backbone: see ``HyperFlowAdapter.from_pretrained``.
         image_processor: default the adapter's own (the one ``adapter.adapt`` uses).
-        support / support_images / support_labels, method, steps, integrator, top_k: defaults for every call.
+        support / support_images / support_labels, method, steps, integrator, top_k: defaults for the calls (a
+            call's own support set replaces this one; its own method / steps / integrator replace these).
 
     Call arguments:
         images: an image (PIL image, local path or URL) or a list of them.
@@ -84,15 +85,14 @@ class FewShotImageClassificationPipeline(Pipeline):
         defaults = {key: kwargs.pop(key) for key in (*_SUPPORT_KEYS, *_ADAPT_KEYS) if key in kwargs}
         self.adapter = _resolve_adapter(model, adapter, adapter_revision, strict_backbone)
         self._tasks: OrderedDict[str, AdaptedTask] = OrderedDict()
-        self._default_support: dict = {}
+        self._defaults = defaults
         super().__init__(model=model, **kwargs)
         if self.image_processor is None:
             self.image_processor = self.adapter.image_processor
         else:
             self.adapter.image_processor = self.image_processor
         self.adapter.model.to(self.device)  # the drift network lives beside the backbone, not inside it
-        if defaults:
-            self._default_support = {key: defaults[key] for key in _SUPPORT_KEYS if key in defaults}
+        if _pick(defaults, _SUPPORT_KEYS):  # adapt to the construction's support set now
             params = self._sanitize_parameters(**defaults)
             for mine, new in zip((self._preprocess_params, self._forward_params, self._postprocess_params), params,
                                  strict=True):
@@ -100,17 +100,19 @@ class FewShotImageClassificationPipeline(Pipeline):
 
     def _sanitize_parameters(self, support=None, support_images=None, support_labels=None, method=None, steps=None,
                              integrator=None, top_k=None, timeout=None):
+        """A call's support set, or its method / steps / integrator, adapts (or finds) the task it classifies
+        with; the support set given at construction serves calls without one, and the method, steps and
+        integrator given at construction serve calls that give none of them."""
         preprocess = {} if timeout is None else {"timeout": timeout}
         forward, postprocess = {}, {}
-        given = {"support": support, "support_images": support_images, "support_labels": support_labels}
-        settings = {"method": method, "steps": steps, "integrator": integrator}
-        if any(value is not None for value in (*given.values(), *settings.values())):
-            if all(value is None for value in given.values()):
-                given = self._default_support
+        given = _not_none(support=support, support_images=support_images, support_labels=support_labels)
+        settings = _not_none(method=method, steps=steps, integrator=integrator)
+        if given or settings:
+            given = given or _pick(self._defaults, _SUPPORT_KEYS)
             if not given:
-                raise ValueError(f"method/steps/integrator were given without a support set: pass support=FOLDER "
-                                 f"or support_images=... with support_labels=... ({settings}).")
-            task = self._adapted_task(**given, **settings)
+                raise ValueError(f"{settings} were given without a support set: pass support=FOLDER or "
+                                 f"support_images=... with support_labels=....")
+            task = self._adapted_task(**given, **(settings or _pick(self._defaults, _ADAPT_KEYS)))
             forward["task"] = task
             postprocess["classes"] = task.classes
         if top_k is not None:
@@ -175,6 +177,14 @@ class FewShotImageClassificationPipeline(Pipeline):
             f"A {TASK_NAME} pipeline is not saved as a whole: save its adapter with pipe.adapter.save_pretrained(DIR)"
             f" and build the pipeline again with pipeline({TASK_NAME!r}, model=BACKBONE, adapter=DIR)."
         )
+
+
+def _not_none(**values) -> dict:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _pick(values: dict, keys: tuple[str, ...]) -> dict:
+    return {key: values[key] for key in keys if key in values}
 
 
 def _resolve_adapter(model, adapter, revision, strict_backbone) -> HyperFlowAdapter:

@@ -111,6 +111,11 @@ def test_support_given_at_construction_and_integer_labels(saved):
     dt = classifier(saved["queries"], method="dt")  # the construction's support set, another method
     assert_matches(dt, api_adapter(saved).direct_transfer(images, numbers).predict_proba(saved["queries"]),
                    task.classes, top_k=2)
+    by_default_dt = pipeline(TASK_NAME, model=str(saved["backbone"]), adapter=str(saved["adapter"]), device="cpu",
+                             method="dt")
+    assert by_default_dt(saved["queries"], support_images=images, support_labels=numbers, top_k=2) == dt
+    assert by_default_dt(saved["queries"], support_images=images, support_labels=numbers, top_k=2,
+                         method="hyperflow") == results
 
 
 def test_an_adapter_object_and_tensor_support(saved):
@@ -133,7 +138,7 @@ def test_an_adapter_object_and_tensor_support(saved):
     ({"support": "F", "method": "ft"}, ValueError, "method must be one of"),
     ({"support": "F", "method": "dt", "steps": 3}, ValueError, "direct transfer integrates nothing"),
     ({"support": "F", "top_k": 0}, ValueError, "top_k must be a positive integer"),
-    ({"method": "dt"}, ValueError, "without a support set"),
+    ({"method": "dt"}, ValueError, "were given without a support set"),
     ({"support": ["a.png"]}, TypeError, "support must be an image folder path"),
 ])
 def test_bad_calls_say_what_to_do(saved, classifier, kwargs, error, match):
