@@ -30,7 +30,7 @@ METHODS = ["dt", "ft-full", "ft-lora", "ft-shift", "ft-head", "hyperflow", "hype
 
 def targets(results: dict) -> list[str]:
     """The project's targets against the measured numbers (computed, reported whether met or not)."""
-    from hf_hyperflow.evaluation import gain_fraction
+    from hf_hyperflow.results import gain_fraction
 
     lines = ["| target | domain | measured | met |", "|---|---|---|---|"]
     for domain, methods in results["results"].items():
@@ -100,12 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModel
 
     from hf_hyperflow import HyperFlowAdapter
-    from hf_hyperflow.evaluation import (
-        Evaluator,
-        machine_description,
-        run_evaluation,
-        write_outputs,
-    )
+    from hf_hyperflow.evaluation import Evaluator, machine_description, run_evaluation
+    from hf_hyperflow.results import write_outputs
 
     started = time.perf_counter()
     domains = benchmark_domains(args.run, args.data)
@@ -142,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_results_md(results: dict, output: Path) -> None:
     """RESULTS.md from a results object written by this script."""
-    from hf_hyperflow.evaluation import results_markdown
+    from hf_hyperflow.results import results_markdown
 
     meta = results["meta"]
     chosen = meta.get("ft_lr_chosen_on_glyphs_validation")

@@ -168,11 +168,11 @@ def episodes_for(dataset: str | None, count: int):
 def adapted_blocks(adapter, groups) -> list[str]:
     """Where the chosen groups act: the blocks (or modules outside blocks) whose HyperFlow layers they adapt,
     and "head" for the prototype shift."""
-    from hf_hyperflow.finetune import _innermost_blocks
+    from hf_hyperflow.prefix import innermost_blocks
 
     if groups == ("full",):
         return ["all parameters"]
-    blocks = _innermost_blocks(adapter.backbone)
+    blocks = innermost_blocks(adapter.backbone)
     names = ["head"] if "head" in groups else []
     for name, layer in adapter.tuner.hyperflow_layers():
         if not layer.roles & set(groups):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .fingerprint import tensors_fingerprint
+
 __all__ = [
     "BACKBONE_TABLE",
     "BackboneSpec",
@@ -287,16 +289,8 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
     Names are taken as in the plain backbone (tuner wrappers' ``base_layer`` stripped, tuner-only entries
     left out) and values as float32, so that wrapping the backbone does not change its fingerprint.
     """
-    import hashlib
-
-    digest = hashlib.sha256()
-    state = {
+    return tensors_fingerprint({
         name.replace(".base_layer", ""): tensor
         for name, tensor in backbone.state_dict().items()
         if "hyperflow_" not in name and torch.is_floating_point(tensor)
-    }
-    for name in sorted(state):
-        tensor = state[name]
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    })

@@ -28,7 +28,7 @@ from torch import nn
 
 from .heads import class_prototypes, prototype_logits
 from .integrators import integrate
-from .state import StateEntry, TaskState, state_key
+from .state import HEAD_KEY, StateEntry, TaskState
 
 __all__ = ["DriftNet", "FlowCoordinates", "TaskEncoding", "time_embedding"]
 
@@ -181,7 +181,7 @@ class DriftNet(nn.Module):
             else:
                 tensors[entry.key] = torch.zeros(t, *entry.shape, device=device, dtype=dtype)
         if "head" in self.groups:
-            tensors[state_key("head", "prototypes")] = torch.zeros_like(encoding.prototypes)
+            tensors[HEAD_KEY] = torch.zeros_like(encoding.prototypes)
         return TaskState(tensors)
 
     def forward(self, state: TaskState, t: float | torch.Tensor, encoding: TaskEncoding) -> TaskState:
@@ -192,9 +192,8 @@ class DriftNet(nn.Module):
             hidden = self._module_hidden(self.state_projections(state), t_emb, encoding)  # [T, M, R]
             out.update(self._module_outputs(hidden, None))
         if "head" in self.groups:
-            key = state_key("head", "prototypes")
-            inputs = self._head_inputs(state[key], t_emb, encoding)
-            out[key] = self.head_net(inputs) * encoding.class_mask[..., None].to(inputs.dtype)
+            inputs = self._head_inputs(state[HEAD_KEY], t_emb, encoding)
+            out[HEAD_KEY] = self.head_net(inputs) * encoding.class_mask[..., None].to(inputs.dtype)
         return TaskState({k: out[k] for k in state})
 
     def integrate(self, encoding: TaskEncoding, steps: int, method: str = "euler", state0: TaskState | None = None,
@@ -353,7 +352,7 @@ class _ReducedFlow:
         if "head" in net.groups:
             first, last, d = net.head_net[0], net.head_net[-1], net.feature_size
             no_time = reference.new_zeros(encoding.num_tasks, net.time_embedding_size)
-            inputs = net._head_inputs(state0[state_key("head", "prototypes")], no_time, encoding)
+            inputs = net._head_inputs(state0[HEAD_KEY], no_time, encoding)
             self.head_constant = F.linear(inputs, first.weight, first.bias)  # [T, C, H1]
             self.head_time = first.weight[:, -net.time_embedding_size:]  # [H1, E]
             shift_in = first.weight[:, d : 2 * d]  # [H1, D]
@@ -391,6 +390,6 @@ class _ReducedFlow:
             moved.update(self.net._module_outputs(point.modules, point.bias_weight))
         if point.head is not None:
             last = self.net.head_net[-1]
-            moved[state_key("head", "prototypes")] = self.mask * torch.addcmul(
+            moved[HEAD_KEY] = self.mask * torch.addcmul(
                 F.linear(point.head, last.weight), point.bias_weight[:, None, None], last.bias)
         return TaskState({k: v + moved[k] for k, v in self.state0.items()})

@@ -16,7 +16,6 @@ column; images are decoded only for the rows an episode uses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from PIL import Image as PILImage
+
+from .fingerprint import fingerprint
 
 SPLIT_NAMES = ("train", "validation", "test")
 PROTOCOLS = ("fixed", "md")
@@ -531,7 +532,7 @@ class EpisodeSampler(Sequence):
                 raise ValueError(f"{len(short)} classes of {where} have fewer than 2 images (the md protocol needs one "
                                  f"support and one query image per class), e.g. {short[:5]}")
         self._images = dataset.select_columns([self.image_column])
-        digest = hashlib.sha256("\n".join(self.class_names).encode("utf-8")).hexdigest()[:16]
+        digest = fingerprint(["\n".join(self.class_names)])
         self._spec_base = {
             "dataset": getattr(dataset, "_fingerprint", None) or (dataset.info.dataset_name or ""),
             "split": split, "split_classes": len(self.class_names), "split_digest": digest,

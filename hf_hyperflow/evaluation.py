@@ -19,23 +19,21 @@ autograd buffers, optimiser state, copies), accounted from ``torch.profiler``'s 
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .adapter import AdaptedTask, HyperFlowAdapter
+from .adapter import HyperFlowAdapter
 from .config import INTEGRATOR_NAMES
 from .episodes import Episode, EpisodeSampler
 from .finetune import DEFAULT_LR_GRID, finetune, select_lr
 from .stats import mean_confidence_interval, paired_difference
+from .task import AdaptedTask
 
-__all__ = ["Method", "parse_method", "measure_peak_memory", "Evaluator", "FT_GROUPS", "results_markdown",
-           "run_evaluation", "write_outputs", "machine_description"]
+__all__ = ["Method", "parse_method", "measure_peak_memory", "Evaluator", "FT_GROUPS", "run_evaluation",
+           "machine_description", "add_ratios", "add_paired_gains"]
 
 FT_GROUPS: dict[str, tuple[str, ...]] = {
     "ft-full": ("full",),
@@ -358,115 +356,3 @@ def add_paired_gains(summary: dict[str, dict], accuracies: dict[str, list[float]
         gain = paired_difference(values[:count], dt[:count])[0]
         share = gain / reference_gain if reference_gain > 1e-9 else None
         summary[name].update(best_ft=best, best_ft_episodes=count, share_of_best_ft=share)
-
-
-def gain_fraction(summary: dict[str, dict], method: str = "hyperflow", reference: str = "ft-shift") -> float | None:
-    """``(acc[method] - acc[dt]) / (acc[reference] - acc[dt])``: the share of the reference's gain over dt
-    (None when the reference does not beat dt)."""
-    if not {"dt", method, reference} <= set(summary):
-        return None
-    gain = summary[reference]["accuracy"] - summary["dt"]["accuracy"]
-    if gain <= 1e-9:  # the reference does not beat dt: no gain to take a share of
-        return None
-    return (summary[method]["accuracy"] - summary["dt"]["accuracy"]) / gain
-
-
-def _fmt(value, pattern: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return pattern.format(value)
-
-
-def _paired(row: dict) -> str:
-    if row.get("gain_vs_dt") is None:
-        return "-"
-    return f"{row['gain_vs_dt']:+.2f} ±{row['gain_vs_dt_ci95']:.2f}"
-
-
-def results_markdown(results: dict) -> str:
-    """The results as Markdown tables, one per dataset."""
-    meta = results.get("meta", {})
-    lines = [f"Protocol: {meta.get('protocol')}, ways {meta.get('ways')}, shots {meta.get('shots')}, queries "
-             f"{meta.get('queries')}, image size {meta.get('image_size')} px; machine: {meta.get('machine')}; "
-             f"date {meta.get('date')}.", ""]
-    if meta.get("command"):
-        lines += [f"Command: `{meta['command']}`", ""]
-    for dataset, methods in results["results"].items():
-        lines += [f"### {dataset}", "",
-                  "| method | accuracy % | 95% CI | episodes | gain vs dt (paired) | share of best ft | adapt s | "
-                  "query s | peak memory | vs dt (time) | vs ft-full (time) | vs ft-full (memory) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, row in methods.items():
-            memory = row.get("peak_memory_bytes")
-            lines.append(
-                f"| {name} | {row['accuracy']:.2f} | ±{row['ci95']:.2f} | {row['episodes']} | "
-                f"{_paired(row)} | {_fmt(row.get('share_of_best_ft'), '{:.0%}')} | "
-                f"{row['adapt_latency_s']:.4f} | {row['query_latency_s']:.4f} | "
-                f"{_fmt(memory / 2**20 if memory is not None else None, '{:.1f} MiB')} | "
-                f"{_fmt(row.get('latency_vs_dt'), '{:.2f}x')} | {_fmt(row.get('latency_vs_ft_full'), '{:.4f}x')} | "
-                f"{_fmt(row.get('memory_vs_ft_full'), '{:.3f}x')} |")
-        best = next((row["best_ft"] for row in methods.values() if row.get("best_ft")), None)
-        if best:
-            lines += ["", f"Paired gains: mean over the same episodes of (method - dt), ±95% CI. Share of best ft: "
-                          f"the method's paired gain on the first {methods[best]['episodes']} episodes over that of "
-                          f"{best}, the fine-tuning variant that gains most here."]
-        share = gain_fraction(methods)
-        if share is not None:
-            lines.append("")
-            lines.append(f"hyperflow's accuracy gain over dt is {100 * share:.0f}% of ft-shift's gain.")
-        elif {"dt", "ft-shift", "hyperflow"} <= set(methods):
-            lines.append("")
-            lines.append("ft-shift does not beat dt here, so there is no gain to compare with.")
-        lines.append("")
-    extra = results.get("batched_throughput")
-    if extra:
-        lines += ["### Many tasks at once", ""]
-        for dataset, row in extra.items():
-            lines.append(f"- {dataset}: {row['tasks']} tasks; one by one {row['one_by_one_tasks_per_s']:.2f} tasks/s, "
-                         f"batched {row['batched_tasks_per_s']:.2f} tasks/s ({row['speedup']:.2f}x).")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def save_steps_plot(sweeps: dict, path: str | Path) -> Path:
-    """Accuracy against the number of integration steps, one line per integrator, one panel per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = list(sweeps)
-    figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for axis, dataset in zip(axes[0], datasets, strict=True):
-        for integrator, points in sweeps[dataset].items():
-            axis.errorbar(points["steps"], points["accuracy"], yerr=points["ci95"], marker="o", capsize=3,
-                          label=integrator)
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("integration steps")
-        axis.set_ylabel("accuracy (%)")
-        axis.set_title(dataset)
-        axis.legend()
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def write_outputs(results: dict, output_dir: str | Path, sweeps: dict | None = None) -> dict[str, Path]:
-    """Write results.json, results.md and the plots into ``output_dir``; returns their paths."""
-    from .hub import save_results_plot
-
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output / "results.json", "markdown": output / "results.md"}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
-    markdown = results_markdown(results)
-    paths["plot"] = save_results_plot({"meta": results["meta"], "results": results["results"]},
-                                      output / "accuracy_vs_latency.png")
-    markdown += "\n![accuracy vs adaptation latency](accuracy_vs_latency.png)\n"
-    if sweeps:
-        paths["steps_plot"] = save_steps_plot(sweeps, output / "accuracy_vs_steps.png")
-        markdown += "\n![accuracy vs integration steps](accuracy_vs_steps.png)\n"
-    paths["markdown"].write_text(markdown)
-    return paths

@@ -29,7 +29,6 @@ their prefix output is cached too. The result is the same as without the cache u
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,13 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import AdaptedTask, HyperFlowAdapter, _HyperFlowEmbedder
+from .adapter import HyperFlowAdapter
 from .augment import diff_augment
 from .backbones import embed
+from .checks import check_int, check_number
 from .config import ADAPTED_GROUPS
 from .heads import class_prototypes, prototype_logits
-from .prefix import FrozenPrefix, Uncacheable, cat_leaves, select_images
-from .state import TaskState, parse_state_key, state_key
+from .prefix import FrozenPrefix, Uncacheable, cat_leaves, select_images, skip_prefix
+from .state import HEAD_KEY, TaskState, parse_state_key
+from .task import AdaptedTask, HyperFlowEmbedder
 
 __all__ = [
     "DEFAULT_LR_GRID",
@@ -58,7 +59,6 @@ __all__ = [
 
 FINETUNE_GROUPS: tuple[str, ...] = (*ADAPTED_GROUPS, "full")
 DEFAULT_LR_GRID: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
-HEAD_KEY = state_key("head", "prototypes")
 
 
 @dataclass
@@ -92,7 +92,7 @@ class FineTuneResult:
 # ------------------------------------------------------------------------------------------------
 # Checks
 # ------------------------------------------------------------------------------------------------
-def _check_groups(adapter: HyperFlowAdapter, groups) -> tuple[str, ...]:
+def check_groups(adapter: HyperFlowAdapter, groups) -> tuple[str, ...]:
     if isinstance(groups, str):
         groups = (groups,)
     if not isinstance(groups, Iterable):
@@ -145,14 +145,6 @@ def _check_support(pixel_values, labels) -> int:
     return num_classes
 
 
-def _check_number(name: str, value, *, low: float, high: float = math.inf, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not (low <= value <= high) or (
-            not integer and not math.isfinite(value)):
-        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} {bounds}, got {value!r}.")
-
-
 # ------------------------------------------------------------------------------------------------
 # theta_0
 # ------------------------------------------------------------------------------------------------
@@ -162,7 +154,7 @@ def initial_state(adapter: HyperFlowAdapter, num_classes: int) -> TaskState:
     LoRA A factors are the adapter's fixed random A_0, LoRA B and shifts are zero, and (when the adapter
     has the head group) ``"head.prototypes:"`` is a zero ``Tensor[1, C, D]``.
     """
-    _check_number("num_classes", num_classes, low=1, integer=True)
+    check_int(num_classes, "num_classes", 1)
     drift = adapter.drift
     device, dtype = adapter._device_dtype()
     tensors = {}
@@ -292,14 +284,14 @@ def finetune(
     """
     if not isinstance(adapter, HyperFlowAdapter):
         raise TypeError(f"adapter must be a HyperFlowAdapter, got {type(adapter).__name__}.")
-    groups = _check_groups(adapter, groups)
+    groups = check_groups(adapter, groups)
     num_classes = _check_support(support_pixel_values, support_labels)
-    _check_number("steps", steps, low=1, integer=True)
-    _check_number("lr", lr, low=0.0)
-    _check_number("seed", seed, low=0, integer=True)
-    _check_number("augment_probability", augment_probability, low=0.0, high=1.0)
+    check_int(steps, "steps", 1)
+    check_number(lr, "lr", 0.0)
+    check_int(seed, "seed", 0)
+    check_number(augment_probability, "augment_probability", 0.0, 1.0)
     if augment_pool is not None:
-        _check_number("augment_pool", augment_pool, low=1, integer=True)
+        check_int(augment_pool, "augment_pool", 1)
     full = groups == ("full",)
     if full and record_trajectory:
         raise ValueError("record_trajectory needs state groups (lora / shift / head); a full-backbone trajectory is "
@@ -374,8 +366,7 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
     def features(batch: torch.Tensor, cached) -> torch.Tensor:
         """``Tensor[B, D]`` with the current weights; ``cached``: the batch's frozen-prefix output or None."""
         with contextlib.ExitStack() as stack:
-            if cached is not None:
-                stack.enter_context(prefix.replaced(cached, batch.shape[0]))
+            stack.enter_context(skip_prefix(prefix, cached, batch.shape[0]))
             if full:
                 return functional(batch)
             delta = delta_state()
@@ -448,7 +439,7 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
             final_state = TaskState({k: v.detach().clone() for k, v in state.items()})
             if HEAD_KEY in final_state:
                 prototypes = prototypes + final_state[HEAD_KEY][0]
-            task = AdaptedTask(_HyperFlowEmbedder(adapter.tuner, final_state), prototypes, scale.clone(), bias.clone(),
+            task = AdaptedTask(HyperFlowEmbedder(adapter.tuner, final_state), prototypes, scale.clone(), bias.clone(),
                                classes, adapter.image_processor, state=final_state, tuner=adapter.tuner,
                                config=adapter.config)
     trajectory = TaskState.cat(snapshots) if record_trajectory else None
@@ -499,11 +490,11 @@ def select_lr(
     if not grid:
         raise ValueError("grid must list at least one learning rate.")
     for lr in grid:
-        _check_number("every lr of the grid", lr, low=0.0)
+        check_number(lr, "every lr of the grid", 0.0)
     for name in ("support_images", "support_labels", "query_images", "query_labels"):
         if any(not hasattr(e, name) for e in episodes):
             raise TypeError(f"every episode needs a {name!r} attribute (e.g. hf_hyperflow.episodes.Episode).")
-    _check_groups(adapter, groups)
+    check_groups(adapter, groups)
     device = adapter._device_dtype()[0]
     prepared = [(adapter.pixel_values(e.support_images), torch.as_tensor(e.support_labels).to(device),
                  adapter.pixel_values(e.query_images), torch.as_tensor(e.query_labels)) for e in episodes]

@@ -5,14 +5,16 @@ before them compute the same thing for an image whatever the task delta. :class:
 once (no autograd) and, inside :meth:`FrozenPrefix.replaced`, makes the backbone skip them: the last frozen
 block returns the kept output, the earlier ones zero-cost placeholders (the cheap embedding stem still runs).
 Fine-tuning, meta-training and ``adapt`` use it; results equal the uncached ones up to float rounding.
+:class:`PrefixCache` keeps those outputs per image across batches (meta-training sees an image many times).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from torch import nn
 from .backbones import BACKBONE_TABLE, embed, model_type_of
 from .tuner.layer import HyperFlowLayer
 
-__all__ = ["FrozenPrefix", "Uncacheable", "cat_leaves", "select_images"]
+__all__ = ["FrozenPrefix", "PrefixCache", "Uncacheable", "cat_leaves", "innermost_blocks", "select_images", "skip_prefix"]
 
 
 class Uncacheable(Exception):
@@ -75,7 +77,7 @@ def select_images(structure, images: torch.Tensor, num_images: int):
     return _map_leaves(pick, structure)
 
 
-def _innermost_blocks(backbone: nn.Module) -> list[str]:
+def innermost_blocks(backbone: nn.Module) -> list[str]:
     """Names of the backbone's blocks (the table's block pattern), innermost only, in module order."""
     spec = BACKBONE_TABLE.get(model_type_of(backbone))
     if spec is None:
@@ -104,7 +106,7 @@ class FrozenPrefix:
 
     @classmethod
     def find(cls, backbone: nn.Module) -> FrozenPrefix | None:
-        blocks = _innermost_blocks(backbone)
+        blocks = innermost_blocks(backbone)
         if not blocks:
             return None
         modules = dict(backbone.named_modules())
@@ -188,3 +190,74 @@ def cat_leaves(structures: list):
     """Concatenate block outputs of the same structure along the image (row) axis."""
     return _zip_leaves(torch.cat, structures)
 
+
+def skip_prefix(prefix: FrozenPrefix | None, output, num_images: int):
+    """The context in which the backbone skips ``prefix``'s blocks and uses ``output`` (their output for a batch
+    of ``num_images`` images); a null context when either is None (the blocks then run as usual)."""
+    if prefix is None or output is None:
+        return contextlib.nullcontext()
+    return prefix.replaced(output, num_images)
+
+
+class PrefixCache:
+    """Outputs of the frozen blocks (those before the first HyperFlow layer), kept per image.
+
+    ``outputs(pixel_values, keys)`` returns the last frozen block's output for a batch, computing only the
+    images whose key (any hashable, e.g. ``(dataset, row)``) is not kept yet; ``context(pixel_values, keys)``
+    (or :func:`skip_prefix` with ``cache.prefix``) is where the backbone uses it instead of running those blocks.
+    Outputs are kept while their total size stays under ``max_bytes`` (0: nothing is kept; the prefix still runs
+    once per batch rather than once per forward pass).
+
+    Args:
+        backbone: the backbone (with its HyperFlow layers) whose frozen prefix is cached.
+        max_bytes: memory budget of the kept outputs.
+    """
+
+    def __init__(self, backbone: nn.Module, max_bytes: float):
+        self.prefix = FrozenPrefix.find(backbone)
+        self.max_bytes = max_bytes
+        self.used_bytes = 0
+        self._kept: dict[Any, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def active(self) -> bool:
+        return self.prefix is not None
+
+    @property
+    def images_kept(self) -> int:
+        return len(self._kept)
+
+    def outputs(self, pixel_values: torch.Tensor, keys: Sequence | None = None):
+        """The last frozen block's output for ``pixel_values: Tensor[N, 3, H, W]`` (rows image-major)."""
+        if self.prefix is None:
+            raise ValueError("This backbone has no frozen prefix (set HyperFlowConfig.first_adapted_block).")
+        if keys is None or self.max_bytes <= 0:
+            return self.prefix.compute(pixel_values)
+        missing = [i for i, key in enumerate(keys) if key not in self._kept]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh = None
+        if missing:
+            fresh = self.prefix.compute(pixel_values[missing] if len(missing) < len(keys) else pixel_values)
+            if not isinstance(fresh, torch.Tensor):  # nested block outputs: no per-image cache
+                return fresh if len(missing) == len(keys) else self.prefix.compute(pixel_values)
+        if fresh is not None and len(missing) == len(keys) and self.used_bytes >= self.max_bytes:
+            return fresh
+        per_image = {}
+        if fresh is not None:
+            for i, part in zip(missing, fresh.chunk(len(missing)), strict=True):
+                per_image[i] = part
+                size = part.numel() * part.element_size()
+                if self.used_bytes + size <= self.max_bytes:
+                    self._kept[keys[i]] = part
+                    self.used_bytes += size
+        return torch.cat([per_image[i] if i in per_image else self._kept[key] for i, key in enumerate(keys)])
+
+    def context(self, pixel_values: torch.Tensor, keys: Sequence | None = None):
+        """The backbone skips its frozen prefix for this batch (outputs from the cache); a null context when
+        the backbone has no frozen prefix."""
+        if self.prefix is None:
+            return contextlib.nullcontext()
+        return skip_prefix(self.prefix, self.outputs(pixel_values, keys), pixel_values.shape[0])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TaskState", "StateEntry", "state_key", "parse_state_key"]
+__all__ = ["TaskState", "StateEntry", "state_key", "parse_state_key", "HEAD_KEY"]
 
 
 def state_key(group: str, param: str, module: str = "") -> str:
@@ -28,6 +28,10 @@ def parse_state_key(key: str) -> tuple[str, str, str]:
     if not group or not param or ":" not in key:
         raise ValueError(f"{key!r} is not a state key of the form '<group>.<param>:<module>'.")
     return group, param, module
+
+
+# The head group's one entry: a per-class shift of the prototypes, ``Tensor[T, C, D]``.
+HEAD_KEY = state_key("head", "prototypes")
 
 
 @dataclass(frozen=True)

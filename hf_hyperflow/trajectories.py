@@ -26,7 +26,6 @@ positions and velocities come back as :class:`TaskState`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -43,7 +42,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .adapter import HyperFlowAdapter
-from .finetune import _check_groups, _check_number, finetune, initial_state
+from .checks import check_int, check_number
+from .finetune import check_groups, finetune, initial_state
+from .fingerprint import fingerprint
 from .interpolation import INTERPOLATION_KINDS, TrajectoryPath, interpolate
 from .io import read_json_checked
 from .state import TaskState, parse_state_key
@@ -296,12 +297,10 @@ def _derived_seed(*parts: int) -> int:
 
 
 def _theta0_digest(adapter: HyperFlowAdapter) -> str:
-    digest = hashlib.sha256()
-    for entry in adapter.drift.entries:
-        digest.update(f"{entry.key}{entry.shape}".encode())
-        if entry.group == "lora" and entry.param == "A":
-            digest.update(adapter.drift.theta0(entry.key).detach().cpu().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    drift = adapter.drift
+    return fingerprint(part for entry in drift.entries for part in (
+        (f"{entry.key}{entry.shape}", drift.theta0(entry.key)) if entry.group == "lora" and entry.param == "A"
+        else (f"{entry.key}{entry.shape}",)))
 
 
 def _header(adapter, settings: dict, dataset: dict | None) -> dict:
@@ -446,17 +445,17 @@ def record_trajectories(
     """
     if not isinstance(adapter, HyperFlowAdapter):
         raise TypeError(f"adapter must be a HyperFlowAdapter, got {type(adapter).__name__}.")
-    groups = _check_groups(adapter, groups)
+    groups = check_groups(adapter, groups)
     if "full" in groups:
         raise ValueError("Trajectories are paths in the adapter's state: use state groups (lora / shift / head), not "
                          "'full'.")
-    _check_number("steps", steps, low=1, integer=True)
-    _check_number("lr", lr, low=0.0)
-    _check_number("inits", inits, low=1, integer=True)
-    _check_number("noise_std", noise_std, low=0.0)
-    _check_number("seed", seed, low=0, integer=True)
-    _check_number("snapshot_every", snapshot_every, low=1, integer=True)
-    _check_number("shard_size", shard_size, low=1, integer=True)
+    check_int(steps, "steps", 1)
+    check_number(lr, "lr", 0.0)
+    check_int(inits, "inits", 1)
+    check_number(noise_std, "noise_std", 0.0)
+    check_int(seed, "seed", 0)
+    check_int(snapshot_every, "snapshot_every", 1)
+    check_int(shard_size, "shard_size", 1)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not a storage dtype: use one of {list(_DTYPES)}.")
     if accelerator is not None:

@@ -69,13 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
     from hf_hyperflow.episodes import ClassSplit, load_image_dataset
-    from hf_hyperflow.evaluation import (
-        Evaluator,
-        machine_description,
-        parse_method,
-        run_evaluation,
-        write_outputs,
-    )
+    from hf_hyperflow.evaluation import Evaluator, machine_description, parse_method, run_evaluation
+    from hf_hyperflow.results import write_outputs
 
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -100,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         adapter = HyperFlowAdapter(backbone, HyperFlowConfig(image_size=args.image_size))
     if args.image_size and args.image_size != adapter.config.image_size:
-        from hf_hyperflow.adapter import default_image_processor
+        from hf_hyperflow.inputs import default_image_processor
 
         adapter.image_processor = default_image_processor(adapter.backbone, args.image_size)
     class_split = ClassSplit.load(args.class_split) if args.class_split else None

@@ -24,16 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from hf_hyperflow.hub import (
-    AdapterCardData,
-    TaskCardData,
-    load_results,
-    push_folder_to_hub,
-    render_adapter_card,
-    render_task_card,
-    save_results_plot,
-)
+from hf_hyperflow.cards import AdapterCardData, TaskCardData, render_adapter_card, render_task_card
+from hf_hyperflow.hub import push_folder_to_hub
 from hf_hyperflow.io import read_json_checked
+from hf_hyperflow.results import load_results, save_results_plot
 
 CONFIG_FILES = ("adapter_config.json", "config.json")
 TASK_FILE = "hyperflow_task.json"

@@ -13,7 +13,7 @@ from conftest import IMAGE_SIZE, make_backbone, randomize_drift
 from PIL import Image
 
 from hf_hyperflow import AdaptedTask, HyperFlowAdapter, HyperFlowConfig
-from hf_hyperflow.adapter import encode_labels
+from hf_hyperflow.inputs import encode_labels
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from hf_hyperflow.evaluation import (
     Evaluator,
     add_paired_gains,
     add_ratios,
-    gain_fraction,
     measure_peak_memory,
     parse_method,
 )
+from hf_hyperflow.results import gain_fraction
 from hf_hyperflow.stats import mean_confidence_interval
 
 CLASSES = [f"class-{i:02d}" for i in range(10)]
@@ -176,7 +176,7 @@ def test_evaluate_cli_end_to_end(adapter, dataset, tmp_path):
     assert saved["results"]["colours"].keys() == {"dt", "ft-head", "hyperflow", "hyperflow:rk4:1"}
     assert saved["batched_throughput"]["colours"]["tasks"] == 2
     assert results["meta"]["command"].startswith("python recipes/evaluate.py --backbone")
-    from hf_hyperflow.hub import load_results
+    from hf_hyperflow.results import load_results
 
     load_results(tmp_path / "out" / "results.json")  # the schema the model cards read
 

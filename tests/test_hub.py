@@ -19,16 +19,9 @@ from huggingface_hub import EvalResult, ModelCard
 from PIL import Image
 from safetensors.numpy import save as save_safetensors
 
-from hf_hyperflow.hub import (
-    AdapterCardData,
-    TaskCardData,
-    load_results,
-    render_adapter_card,
-    render_task_card,
-    resolve_pretrained_folder,
-    save_results_plot,
-    validate_results,
-)
+from hf_hyperflow.cards import AdapterCardData, TaskCardData, render_adapter_card, render_task_card
+from hf_hyperflow.hub import resolve_pretrained_folder
+from hf_hyperflow.results import load_results, save_results_plot, validate_results
 
 HUB = "hf_hyperflow.hub"
 USER = "loopback-user"
@@ -363,7 +356,8 @@ def test_resolve_local_folder_returns_it_and_checks_required_files(tmp_path):
     ("SAVED", {"revision": "main"}, ValueError, "revision='main' applies to Hub repos, but .* is a local folder"),
     ("./not-here", {}, FileNotFoundError, "There is no folder at not-here"),
     ("a/b/c", {}, FileNotFoundError, "There is no folder at a/b/c"),
-    ("not a repo", {}, ValueError, "'not a repo' is neither an existing local folder nor a valid Hub repo id"),
+    ("no-namespace", {}, FileNotFoundError, "There is no folder at no-namespace.*'namespace/name'"),
+    ("bad/repo id", {}, ValueError, "'bad/repo id' is neither an existing local folder nor a valid Hub repo id"),
     ("FILE", {}, ValueError, r"is a file; pass the folder that holds it"),
     (3, {}, TypeError, "path_or_repo_id must be a folder path or a Hub repo id, got int"),
     ("SAVED", {"required_files": "adapter_config.json"}, TypeError, "required_files must be a sequence"),
@@ -492,7 +486,7 @@ def test_adapter_card_picks_the_single_hyperflow_method_or_asks():
     ({"repo_id": "not a repo"}, ValueError, "repo_id 'not a repo' is not a valid Hub repo id"),
     ({"base_model": ""}, TypeError, "base_model must be a non-empty string"),
     ({"lora_rank": None}, ValueError, "groups include 'lora' but lora_rank is None"),
-    ({"steps": 0}, ValueError, "steps must be a positive int"),
+    ({"steps": 0}, ValueError, "steps must be an integer >= 1, got 0"),
     ({"groups": "lora"}, TypeError, "groups must be a list of non-empty strings"),
     ({"eval_method": "ft-lora"}, ValueError, r"eval_method 'ft-lora' is not in the results; they have \['dt'"),
     ({"results": None, "eval_method": "hyperflow"}, ValueError, "eval_method is set but there are no results"),

@@ -1,0 +1,27 @@
+"""Content fingerprints: the first 16 hex digits of a sha256 over strings and tensors."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import torch
+
+__all__ = ["fingerprint", "tensors_fingerprint"]
+
+
+def fingerprint(parts: Iterable[str | torch.Tensor]) -> str:
+    """sha256 (first 16 hex digits) of ``parts`` in order: strings as UTF-8, tensors as their float32 values
+    (C order, on CPU), so that the dtype, device and memory layout of a tensor do not change the result."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            digest.update(part.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        else:
+            digest.update(part.encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """:func:`fingerprint` of named tensors in name order: ``name_1, tensor_1, name_2, tensor_2, ...``."""
+    return fingerprint(part for name in sorted(tensors) for part in (name, tensors[name]))
