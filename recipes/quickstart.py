@@ -40,14 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from hf_hyperflow import HyperFlowAdapter
     from hf_hyperflow.episodes import ClassSplit, load_image_dataset
-    from hf_hyperflow.evaluation import (
-        Evaluator,
-        machine_description,
-        results_markdown,
-        run_evaluation,
-        write_outputs,
-    )
+    from hf_hyperflow.evaluation import Evaluator, machine_description, run_evaluation
     from hf_hyperflow.pretrained import build_efficientnet_lite0
+    from hf_hyperflow.results import results_markdown, write_outputs
     from hf_hyperflow.training import load_config, train
     from recipes.data import BUILDERS
 
@@ -72,9 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
         "validation.episodes": 40,
         "validation.every": max(1, args.max_steps // 4),
     }
-    config = load_config(TRAINING_CONFIG, overrides)
+    config = load_config(TRAINING_CONFIG, overrides, data_builders=BUILDERS)
     print(f"[quickstart] meta-training ({args.trajectories} teacher trajectories, {args.max_steps} steps)")
-    result = train(config, resume=(args.output / "training" / "checkpoints").exists())
+    result = train(config, resume=(args.output / "training" / "checkpoints").exists(), data_builders=BUILDERS)
     trained_at = time.perf_counter()
     adapter_dir = result.best_dir or result.final_dir
 

@@ -47,9 +47,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     from hf_hyperflow.training import load_config, train
+    from recipes.data import BUILDERS
 
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, data_builders=BUILDERS)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.to_dict(), indent=1))
         return 0
     result = train(config, resume=args.resume, max_steps_this_run=args.max_steps_this_run,
-                   cpu=True if args.cpu else None)
+                   cpu=True if args.cpu else None, data_builders=BUILDERS)
     if result.metrics.get("drift_fingerprints") and len(set(result.metrics["drift_fingerprints"])) > 1:
         print(f"error: the drift networks of the processes differ: {result.metrics['drift_fingerprints']}",
               file=sys.stderr)

@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from hf_hyperflow.drift import DriftNet
 from hf_hyperflow.heads import class_prototypes
 from hf_hyperflow.integrators import integrate
+from hf_hyperflow.prefix import PrefixCache
 from hf_hyperflow.state import StateEntry, TaskState
 from hf_hyperflow.training import (
     DriftObjective,
-    PrefixCache,
     UnrolledInputs,
     apply_overrides,
     config_from_dict,
@@ -258,9 +258,9 @@ def test_unrolled_loss_reaches_only_the_drift_and_the_prefix_cache_is_exact():
     inputs = UnrolledInputs(support=support, support_labels=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 0, 1, 0, 1]),
                             support_sizes=[6, 6], num_classes=[3, 2], query=query,
                             query_labels=torch.tensor([0, 1, 2, 2, 1, 0, 1, 0, 0, 1, 1, 0]), query_sizes=[6, 6])
-    prefix = PrefixCache(adapter, max_bytes=2**20)
+    prefix = PrefixCache(adapter.backbone, max_bytes=2**20)
     assert prefix.active and prefix.prefix.blocks[-1][0] == "encoder.stages.0.layers.0"
-    objective = DriftObjective(adapter, prefix=prefix)
+    objective = DriftObjective(adapter, prefix=prefix.prefix)
     plain = objective(unrolled=inputs)
     plain["loss"].backward()
     grads = {n: p.grad.clone() for n, p in adapter.drift.named_parameters()}
