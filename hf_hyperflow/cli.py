@@ -106,15 +106,12 @@ def _task_backbone(task_dir: Path, given: str | None) -> str:
     meta = read_json_checked(task_dir / "hyperflow_task.json")
     if given is not None:
         return given
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .hub import is_hub_id
 
     recorded = meta.get("base_model") or ""
-    if not Path(recorded).expanduser().exists():
-        try:
-            validate_repo_id(recorded)
-        except HFValidationError:
-            raise FileNotFoundError(f"{task_dir} records the backbone {recorded!r}, which is neither a folder here "
-                                    f"nor a Hub id: pass --backbone FOLDER_OR_HUB_ID.") from None
+    if not Path(recorded).expanduser().exists() and not is_hub_id(recorded):
+        raise FileNotFoundError(f"{task_dir} records the backbone {recorded!r}, which is neither a folder here "
+                                f"nor a Hub id: pass --backbone FOLDER_OR_HUB_ID.")
     return recorded
 
 

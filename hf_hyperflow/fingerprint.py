@@ -10,13 +10,15 @@ import torch
 __all__ = ["fingerprint", "tensors_fingerprint"]
 
 
-def fingerprint(parts: Iterable[str | torch.Tensor]) -> str:
-    """sha256 (first 16 hex digits) of ``parts`` in order: strings as UTF-8, tensors as their float32 values
-    (C order, on CPU), so that the dtype, device and memory layout of a tensor do not change the result."""
+def fingerprint(parts: Iterable[str | bytes | torch.Tensor]) -> str:
+    """sha256 (first 16 hex digits) of ``parts`` in order: strings as UTF-8, bytes as they are, tensors as their
+    float32 values (C order, on CPU), so that the dtype, device and memory layout of a tensor do not change it."""
     digest = hashlib.sha256()
     for part in parts:
         if isinstance(part, torch.Tensor):
             digest.update(part.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        elif isinstance(part, bytes):
+            digest.update(part)
         else:
             digest.update(part.encode("utf-8"))
     return digest.hexdigest()[:16]

@@ -15,7 +15,6 @@ the method, steps and integrator) stay the same, so repeated calls with one supp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -25,8 +24,10 @@ from transformers import AutoModel, Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .adapter import AdaptedTask, HyperFlowAdapter
+from .adapter import HyperFlowAdapter
+from .fingerprint import fingerprint
 from .folders import load_support_folder
+from .task import AdaptedTask
 
 __all__ = ["FewShotImageClassificationPipeline", "TASK_NAME", "METHODS", "support_fingerprint"]
 
@@ -38,19 +39,15 @@ _CACHED_TASKS = 4
 
 
 def support_fingerprint(images, labels, **settings) -> str:
-    """A SHA-256 hex digest of a support set's content: the pixels (mode and size) of PIL images or the values of
-    a ``Tensor[S, 3, H, W]``, the labels, and ``settings`` (method, steps...). Equal content, equal digest."""
-    digest = hashlib.sha256()
+    """A content digest (:func:`~hf_hyperflow.fingerprint.fingerprint`) of a support set: the pixels (mode and
+    size) of PIL images or the values of a ``Tensor[S, 3, H, W]``, the labels, and ``settings`` (method,
+    steps...). Equal content, equal digest."""
     if isinstance(images, torch.Tensor):
-        digest.update(f"tensor{tuple(images.shape)}{images.dtype}".encode())
-        digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+        parts = [f"tensor{tuple(images.shape)}{images.dtype}", images]
     else:
-        for image in images:
-            digest.update(f"{image.mode}{image.size}".encode())
-            digest.update(image.tobytes())
+        parts = [part for image in images for part in (f"{image.mode}{image.size}", image.tobytes())]
     labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
-    digest.update(json.dumps([labels, sorted(settings.items())], default=str).encode())
-    return digest.hexdigest()
+    return fingerprint([*parts, json.dumps([labels, sorted(settings.items())], default=str)])
 
 
 class FewShotImageClassificationPipeline(Pipeline):
