@@ -4,6 +4,7 @@ folders and files give one-line errors and non-zero exit statuses."""
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import subprocess
 import sys
@@ -122,10 +123,11 @@ def test_the_console_script_exits_non_zero_on_a_bad_folder(setup, tmp_path):
     result = subprocess.run([command(), *adapt_args(setup, support, tmp_path / "task")], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        f"hf-hyperflow: error: {support / 'digit_1' / 'readme.txt'} is not an image file (imagefolder reads "
-        f".jpg, .jpeg, .png, .webp, .bmp, .gif, .tif and 54 more image extensions): remove it from the support folder."
-    ]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.fullmatch(rf"hf-hyperflow: error: {re.escape(str(support / 'digit_1' / 'readme.txt'))} is not an image "
+                        r"file \(imagefolder reads \.jpg, \.jpeg, \.png, .* image extensions\): remove it from the "
+                        r"support folder\.", lines[0]), lines[0]
 
 
 def test_predict_errors(setup, tmp_path, capsys):
