@@ -36,6 +36,7 @@ from .io import load_safetensors_checked, read_json_checked
 from .prefix import FrozenPrefix, Uncacheable, skip_prefix
 from .results import save_results_plot
 from .state import HEAD_KEY, TaskState
+from .stopping import candidate_steps, choose_point, leave_one_out_loss
 from .task import AdaptedTask, HyperFlowEmbedder
 from .tuner.model import HyperFlowModel
 
@@ -52,6 +53,8 @@ class TaskBatch:
         class_mask: ``BoolTensor[T, C_max]`` (False for padding classes).
         encoding: the drift network's task encoding (None for direct transfer).
         sizes: support images per task.
+        times: per task, the integration time of its state (1.0 unless stopping='auto' chose an earlier point;
+            None for direct transfer).
     """
 
     state: TaskState | None
@@ -59,6 +62,7 @@ class TaskBatch:
     class_mask: torch.Tensor
     encoding: TaskEncoding | None
     sizes: list[int]
+    times: list[float] | None = None
 
 
 def _padded_prototypes(features: torch.Tensor, labels: torch.Tensor, sizes: list[int],
@@ -140,30 +144,46 @@ class HyperFlowAdapter:
         with torch.no_grad():
             return embed(self.backbone, pixel_values)
 
+    def task_inputs(self, pixel_values: torch.Tensor, labels: torch.Tensor, sizes: list[int],
+                    num_classes: list[int]) -> tuple[torch.Tensor, dict | None]:
+        """What the drift network encodes T tasks from, in one pass of the frozen backbone at theta_0:
+        ``(Tensor[N, D] features, module statistics or None)``; the statistics (``name -> Tensor[T, 3 C]``,
+        see ``DriftNet.module_statistics``) only when the drift network reads them."""
+        if not self.drift.statistics_size:
+            return self.task_features(pixel_values), None
+        with self.tuner.input_moments(pixel_values.shape[0]) as moments:
+            features = self.task_features(pixel_values)
+        return features, self.drift.module_statistics(moments, labels, sizes, num_classes)
+
     # -- adaptation --------------------------------------------------------------------------------
-    def adapt(self, support_images, support_labels, classes: Sequence | None = None, *, steps: int | None = None,
-              integrator: str | None = None) -> AdaptedTask:
+    def adapt(self, support_images, support_labels, classes: Sequence | None = None, *,
+              steps: int | str | None = None, integrator: str | None = None) -> AdaptedTask:
         """Adapt to one task from its support set, by integrating the drift network (no autograd).
 
         Args:
             support_images: a list of PIL images or a pixel_values tensor ``[S, 3, H, W]``.
             support_labels: S labels, ints or strings.
             classes: optional list of the task's classes (their order sets the order of the logits).
-            steps, integrator: override the config's number of steps and integrator.
+            steps, integrator: override the config's number of steps and integrator; ``steps="auto"``
+                integrates the config's steps and keeps, per task, the point of the path whose support set
+                classifies itself best (leave-one-out; t=0 is direct transfer): see ``task.integration_time``.
         """
         return self.adapt_many([(support_images, support_labels, classes)], steps=steps, integrator=integrator)[0]
 
     @torch.no_grad()
-    def adapt_many(self, tasks: Sequence[tuple], *, steps: int | None = None, integrator: str | None = None
+    def adapt_many(self, tasks: Sequence[tuple], *, steps: int | str | None = None, integrator: str | None = None
                    ) -> list[AdaptedTask]:
         """Adapt several tasks in one batch. ``tasks``: ``(support_images, support_labels)`` or
-        ``(support_images, support_labels, classes)`` tuples. Returns one AdaptedTask per task."""
+        ``(support_images, support_labels, classes)`` tuples; ``steps`` as in :meth:`adapt`. Returns one
+        AdaptedTask per task."""
         if not tasks:
             raise ValueError("adapt_many needs at least one task.")
+        steps, stopping = _steps_and_stopping(steps)
         supports = [self._support(*task) for task in tasks]
         sizes = [len(labels) for _, labels, _ in supports]
         batch = self.adapt_batch(torch.cat([p for p, _, _ in supports]), torch.cat([y for _, y, _ in supports]),
-                                 sizes, [len(names) for _, _, names in supports], steps=steps, integrator=integrator)
+                                 sizes, [len(names) for _, _, names in supports], steps=steps, integrator=integrator,
+                                 stopping=stopping)
         return [self._task(batch, i, names) for i, (_, _, names) in enumerate(supports)]
 
     @torch.no_grad()
@@ -174,34 +194,64 @@ class HyperFlowAdapter:
         return self._task(batch, 0, names)
 
     def adapt_batch(self, pixel_values: torch.Tensor, labels: torch.Tensor, sizes: list[int], num_classes: list[int],
-                    *, steps: int | None = None, integrator: str | None = None,
-                    task_features: torch.Tensor | None = None) -> TaskBatch:
+                    *, steps: int | None = None, integrator: str | None = None, stopping: str | None = None,
+                    task_features: torch.Tensor | None = None, module_statistics: dict | None = None) -> TaskBatch:
         """Integrate the drift for T tasks at once; differentiable w.r.t. the drift network when grad is on.
 
         Args:
             pixel_values: ``Tensor[N, 3, H, W]``, the support images of all tasks, task after task.
             labels: ``LongTensor[N]``, labels within each task.
             sizes: support images per task; num_classes: classes per task.
-            task_features: precomputed ``task_features(pixel_values)`` (``Tensor[N, D_enc]``), if at hand.
+            stopping: ``"fixed"`` or ``"auto"`` (default: the config's; see :mod:`hf_hyperflow.stopping`).
+            task_features, module_statistics: precomputed ``task_inputs(...)``, if at hand.
         """
-        drift, groups = self.drift, set(self.config.groups)
-        # The frozen prefix (blocks before the first adapted one) runs once for both passes over the support.
+        drift = self.drift
+        steps = steps if steps is not None else self.config.steps
+        # The frozen prefix (blocks before the first adapted one) runs once for every pass over the support.
         prefix, prefix_output = self._prefix_output(pixel_values) if task_features is None else (None, None)
         if task_features is None:
             with skip_prefix(prefix, prefix_output, pixel_values.shape[0]):
-                task_features = self.task_features(pixel_values)
-        encoding = drift.encode_tasks(task_features, labels, sizes, num_classes)
-        state = drift.integrate(encoding, steps if steps is not None else self.config.steps,
-                                method=integrator or self.config.integrator)
-        features = task_features
-        if groups & {"lora", "shift"}:
+                task_features, module_statistics = self.task_inputs(pixel_values, labels, sizes, num_classes)
+        encoding = drift.encode_tasks(task_features, labels, sizes, num_classes, module_statistics)
+        auto = (stopping or self.config.stopping) == "auto"
+        path = drift.integrate(encoding, steps, method=integrator or self.config.integrator, return_path=auto)
+
+        def support_features(state: TaskState, step: int) -> torch.Tensor:
+            if step == 0 or not set(self.config.groups) & {"lora", "shift"}:
+                return task_features
             with skip_prefix(prefix, prefix_output, pixel_values.shape[0]), self.tuner.task_deltas(state, sizes):
-                features = embed(self.backbone, pixel_values)
+                return embed(self.backbone, pixel_values)
+
+        if auto:
+            points = candidate_steps(steps, self.config.stopping_points)
+            candidates = [(path[k], support_features(path[k], k)) for k in points]
+            chosen = self._choose_points(candidates, labels, sizes, num_classes)
+            times = [points[k] / steps for k in chosen]
+            state = TaskState.cat([candidates[k][0].select(i) for i, k in enumerate(chosen)])
+            features = torch.cat([candidates[k][1].split(sizes)[i] for i, k in enumerate(chosen)])
+        else:
+            state, times = path, [1.0] * len(sizes)
+            features = support_features(state, steps)
         prototypes = _padded_prototypes(features, labels, sizes, num_classes)
-        if "head" in groups:
+        if "head" in self.config.groups:
             prototypes = prototypes + state[HEAD_KEY]
         return TaskBatch(state=state, prototypes=prototypes, class_mask=encoding.class_mask, encoding=encoding,
-                         sizes=list(sizes))
+                         sizes=list(sizes), times=times)
+
+    def _choose_points(self, candidates: list[tuple[TaskState, torch.Tensor]], labels: torch.Tensor,
+                       sizes: list[int], num_classes: list[int]) -> list[int]:
+        """Per task, the index of the candidate ``(state, support features)`` whose support set classifies itself
+        best (leave-one-out); the last candidate where no class of the task has two images to judge by."""
+        drift = self.drift
+        chosen = []
+        for i, (y, c) in enumerate(zip(labels.split(sizes), num_classes, strict=True)):
+            losses = []
+            for state, features in candidates:
+                head = state[HEAD_KEY][i, :c] if HEAD_KEY in state else None
+                losses.append(leave_one_out_loss(features.split(sizes)[i], y, c, head, drift.logit_scale,
+                                                 drift.logit_bias))
+            chosen.append(len(candidates) - 1 if losses[0] is None else choose_point(losses))
+        return chosen
 
     def transfer_batch(self, pixel_values: torch.Tensor, labels: torch.Tensor, sizes: list[int],
                        num_classes: list[int], *, task_features: torch.Tensor | None = None) -> TaskBatch:
@@ -253,7 +303,8 @@ class HyperFlowAdapter:
                                self.image_processor)
         state = batch.state.select(index)
         source = {"source_adapter": self.name_or_path, "source_adapter_revision": self.revision,
-                  "support_size": batch.sizes[index], "base_model": self._base_model_name()}
+                  "support_size": batch.sizes[index], "base_model": self._base_model_name(),
+                  "integration_time": batch.times[index] if batch.times is not None else None}
         return AdaptedTask(HyperFlowEmbedder(self.tuner, state), prototypes, scale, bias, classes,
                            self.image_processor, state=state, tuner=self.tuner, config=self.config, source=source)
 
@@ -372,6 +423,16 @@ class HyperFlowAdapter:
         adapter.name_or_path = str(pretrained)
         adapter.revision = revision or _snapshot_revision(folder)
         return adapter
+
+
+def _steps_and_stopping(steps: int | str | None) -> tuple[int | None, str | None]:
+    """``adapt``'s ``steps`` argument as ``(steps, stopping)``: ``"auto"`` means the config's steps with
+    stopping="auto"; an int or None keeps the config's stopping rule."""
+    if steps == "auto":
+        return None, "auto"
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, 'auto' or None (the config's), got {steps!r}.")
+    return steps, None
 
 
 def _snapshot_revision(folder: Path) -> str | None:

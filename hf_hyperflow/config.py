@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-__all__ = ["HyperFlowConfig", "HYPERFLOW_PEFT_TYPE", "ADAPTED_GROUPS", "INTEGRATOR_NAMES"]
+__all__ = ["HyperFlowConfig", "HYPERFLOW_PEFT_TYPE", "ADAPTED_GROUPS", "INTEGRATOR_NAMES", "STOPPING_RULES"]
 
 ADAPTED_GROUPS = ("lora", "shift", "head")
 INTEGRATOR_NAMES = ("euler", "midpoint", "heun", "rk4")
+STOPPING_RULES = ("fixed", "auto")
 
 
 def _hyperflow_peft_type() -> PeftType:
@@ -76,6 +77,14 @@ class HyperFlowConfig(PeftConfig):
         default="euler", metadata={"help": f"ODE integrator used by adapt(), one of {list(INTEGRATOR_NAMES)}."}
     )
     steps: int = field(default=10, metadata={"help": "Number of integration steps from t=0 to t=1."})
+    stopping: str = field(
+        default="fixed",
+        metadata={"help": "How far adapt() integrates: 'fixed' (to t=1) or 'auto' (per task, the point of the path "
+                          "whose support set classifies itself best, leave-one-out; t=0 is direct transfer)."},
+    )
+    stopping_points: int = field(
+        default=3, metadata={"help": "Candidate points of the path for stopping='auto', evenly spaced from t=0 to t=1."}
+    )
     hidden_size: int = field(default=128, metadata={"help": "Width of the drift network's shared trunk."})
     time_embedding_size: int = field(default=16, metadata={"help": "Size of the sinusoidal embedding of t."})
     module_embedding_size: int = field(default=16, metadata={"help": "Size of the learned per-module embedding."})
@@ -85,6 +94,12 @@ class HyperFlowConfig(PeftConfig):
     )
     state_projection_size: int = field(
         default=16, metadata={"help": "Size of the projection of a module's current state fed to the drift."}
+    )
+    statistics_size: int = field(
+        default=0,
+        metadata={"help": "Size of each module's projection of its input statistics over the support set (per "
+                          "channel mean, log variance and spread of the class means), fed to the drift network; 0: "
+                          "the drift sees the task through the final features only."},
     )
     image_size: int | None = field(
         default=None, metadata={"help": "Side of the input images; None: taken from the image processor / config."}
@@ -129,6 +144,10 @@ class HyperFlowConfig(PeftConfig):
             )
         if len(set(self.groups)) != len(self.groups):
             raise ValueError(f"groups={self.groups!r} lists a group twice.")
+        if self.stopping not in STOPPING_RULES:
+            raise ValueError(f"stopping={self.stopping!r} is unknown: use one of {list(STOPPING_RULES)}.")
+        if not isinstance(self.stopping_points, int) or isinstance(self.stopping_points, bool) or self.stopping_points < 2:
+            raise ValueError(f"stopping_points={self.stopping_points!r} must be an integer >= 2 (t=0 and t=1 at least).")
         if self.integrator not in INTEGRATOR_NAMES:
             raise ValueError(f"integrator={self.integrator!r} is unknown: use one of {list(INTEGRATOR_NAMES)}.")
         for name in ("r", "steps", "hidden_size", "time_embedding_size", "module_embedding_size",
@@ -136,6 +155,8 @@ class HyperFlowConfig(PeftConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if not isinstance(self.statistics_size, int) or isinstance(self.statistics_size, bool) or self.statistics_size < 0:
+            raise ValueError(f"statistics_size={self.statistics_size!r} must be an integer >= 0.")
         if self.time_embedding_size % 2:
             raise ValueError(f"time_embedding_size={self.time_embedding_size} must be even (sin and cos halves).")
         if not self.lora_alpha > 0:

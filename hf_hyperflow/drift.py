@@ -4,8 +4,11 @@ Task encoding (once per task): support features at theta_0 -> class prototypes -
 prototype -> mean and max pooling over classes (plus log ways and log shots) -> task embedding z.
 
 Drift of a module's state (LoRA factors and / or shifts of one module): a shared trunk MLP over
-[z, time embedding, learned module embedding, projection of the module's current state] down to R
-features, followed by the module's own linear output map ``[numel, R]``. Output projections start at zero, so an untrained drift network is
+[z, time embedding, learned module embedding, projection of the module's current state, and optionally a
+projection of the statistics of the module's input over the support set at theta_0] down to R features,
+followed by the module's own linear output map ``[numel, R]``. The input statistics (per channel: the
+mean, the log variance and the spread of the class means relative to the spread of all inputs) tell the
+drift how this task's data looks at the module itself, not only through the final features. Output projections start at zero, so an untrained drift network is
 the identity map on theta_0 (direct transfer).
 
 Drift of the head (a shift of every class prototype): a shared MLP over [prototype, z, time embedding,
@@ -49,15 +52,44 @@ class TaskEncoding:
         embedding: ``Tensor[T, H]``, the task embedding z.
         prototypes: ``Tensor[T, C, D]`` class prototypes at theta_0 (zeros for padded classes).
         class_mask: ``BoolTensor[T, C]``, False for padding when tasks have different numbers of classes.
+        module_statistics: ``Tensor[T, M, P]``, the projected input statistics of the M modules (None when the
+            drift network does not use them).
     """
 
     embedding: torch.Tensor
     prototypes: torch.Tensor
     class_mask: torch.Tensor
+    module_statistics: torch.Tensor | None = None
 
     @property
     def num_tasks(self) -> int:
         return self.embedding.shape[0]
+
+
+def input_statistics(mean: torch.Tensor, mean_square: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     eps: float = 1e-5) -> torch.Tensor:
+    """Per-channel statistics of one module's input over one task's support images.
+
+    Args:
+        mean, mean_square: ``Tensor[S, C]``, per image the mean of the input and of its square over the
+            positions / tokens of each channel.
+        labels: ``LongTensor[S]``, in ``0..num_classes-1``.
+
+    Returns:
+        ``Tensor[3 * C]``: the standardised channel means, the standardised log variances, and the standard
+        deviation of the class means over the classes divided by the channel's standard deviation.
+    """
+    mean, mean_square = mean.float(), mean_square.float()
+    channel_mean = mean.mean(0)
+    variance = (mean_square.mean(0) - channel_mean.pow(2)).clamp_min(0) + eps
+    class_means = class_prototypes(mean, labels, num_classes)  # [C_classes, C]
+    spread = class_means.std(0, unbiased=False) / variance.sqrt()
+    return torch.cat([_standardise(channel_mean, eps), _standardise(variance.log(), eps), spread])
+
+
+def _standardise(values: torch.Tensor, eps: float) -> torch.Tensor:
+    """``Tensor[C]`` shifted and scaled to mean 0 and standard deviation 1 over its entries."""
+    return (values - values.mean()) / (values.std(unbiased=False) + eps)
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -80,6 +112,9 @@ class DriftNet(nn.Module):
         output_rank: R, the size of the trunk's output; each module's drift is its own linear map of it
             (``[numel, R]``), which keeps the network small for wide backbones.
         init_seed: seed of the LoRA A factors of theta_0.
+        module_channels: input channels of each module (in module order), needed when
+            ``statistics_size > 0``.
+        statistics_size: P, the size of each module's projection of its input statistics (0: not used).
     """
 
     def __init__(
@@ -93,6 +128,8 @@ class DriftNet(nn.Module):
         state_projection_size: int = 16,
         output_rank: int = 16,
         init_seed: int = 0,
+        module_channels: dict[str, int] | None = None,
+        statistics_size: int = 0,
     ):
         super().__init__()
         self.entries = list(entries)
@@ -113,6 +150,13 @@ class DriftNet(nn.Module):
         self.prototype_encoder = _mlp([feature_size, hidden, hidden])
         self.task_projection = _mlp([2 * hidden + 2, hidden, hidden])
         num_modules = len(self.modules_order)
+        self.statistics_size = statistics_size if num_modules else 0
+        if self.statistics_size:
+            missing = [m for m in self.modules_order if not (module_channels or {}).get(m)]
+            if missing:
+                raise ValueError(f"statistics_size > 0 needs the input channels of every module; missing {missing[:3]}.")
+            self.statistics_in = nn.ModuleList(
+                nn.Linear(3 * module_channels[m], self.statistics_size) for m in self.modules_order)
         if num_modules:
             self.module_embedding = nn.Parameter(torch.randn(num_modules, module_embedding_size) * 0.02)
             self.state_in = nn.ParameterList()
@@ -123,8 +167,8 @@ class DriftNet(nn.Module):
                 self.state_in.append(nn.Parameter(torch.randn(state_projection_size, numel) / math.sqrt(numel)))
                 self.state_out_weight.append(nn.Parameter(torch.zeros(numel, output_rank)))
                 self.state_out_bias.append(nn.Parameter(torch.zeros(numel)))
-            self.trunk = _mlp([hidden + time_embedding_size + module_embedding_size + state_projection_size,
-                               hidden, hidden, output_rank])
+            self.trunk = _mlp([hidden + time_embedding_size + module_embedding_size + state_projection_size
+                               + self.statistics_size, hidden, hidden, output_rank])
         if "head" in self.groups:
             self.head_net = _mlp([2 * feature_size + hidden + time_embedding_size, hidden, hidden, feature_size])
             nn.init.zeros_(self.head_net[-1].weight)
@@ -143,13 +187,15 @@ class DriftNet(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     def encode_tasks(self, features: torch.Tensor, labels: torch.Tensor, sizes: list[int],
-                     num_classes: list[int]) -> TaskEncoding:
+                     num_classes: list[int], module_statistics: dict | None = None) -> TaskEncoding:
         """Encode T tasks from their support features at theta_0.
 
         Args:
             features: ``Tensor[N, D]``, the support features of all tasks, task after task.
             labels: ``LongTensor[N]``, labels within each task (``0..num_classes[i]-1``).
             sizes: images per task (sums to N); num_classes: classes per task.
+            module_statistics: ``module name -> Tensor[T, 3 * C_m]`` from :meth:`module_statistics`; needed
+                when the network reads input statistics (``statistics_size > 0``).
         """
         c_max = max(num_classes)
         prototypes, masks, shots = [], [], []
@@ -167,7 +213,42 @@ class DriftNet(nn.Module):
         stats = torch.tensor([[math.log(c), math.log(s)] for c, s in zip(num_classes, shots, strict=True)],
                              dtype=encoded.dtype, device=encoded.device)
         embedding = self.task_projection(torch.cat([mean, maximum, stats], dim=1))
-        return TaskEncoding(embedding=embedding, prototypes=prototypes, class_mask=mask)
+        projected = self._project_statistics(module_statistics) if self.statistics_size else None
+        return TaskEncoding(embedding=embedding, prototypes=prototypes, class_mask=mask,
+                            module_statistics=projected)
+
+    def module_statistics(self, module_moments: dict, labels: torch.Tensor, sizes: list[int],
+                          num_classes: list[int]) -> dict[str, torch.Tensor]:
+        """Per task, the statistics of each module's input over its support images (:func:`input_statistics`).
+
+        Args:
+            module_moments: ``module name -> (mean, mean_square)``, each ``Tensor[N, C_m]``: per support image
+                the moments of the module's input at theta_0 (``HyperFlowModel.input_moments``).
+            labels, sizes, num_classes: as in :meth:`encode_tasks`.
+
+        Returns:
+            ``module name -> Tensor[T, 3 * C_m]``.
+        """
+        missing = [m for m in self.modules_order if m not in (module_moments or {})]
+        if missing:
+            raise ValueError(f"No input moments were captured for the modules {missing[:3]}: run the support set "
+                             f"through the backbone inside HyperFlowModel.input_moments().")
+        out = {}
+        for module in self.modules_order:
+            mean, mean_square = module_moments[module]
+            out[module] = torch.stack([input_statistics(a, b, y, c) for a, b, y, c in zip(
+                mean.split(sizes), mean_square.split(sizes), labels.split(sizes), num_classes, strict=True)])
+        return out
+
+    def _project_statistics(self, module_statistics: dict | None) -> torch.Tensor:
+        """``Tensor[T, M, P]``: each module's statistics through its own projection."""
+        missing = [m for m in self.modules_order if m not in (module_statistics or {})]
+        if missing:
+            raise ValueError(f"This drift network reads the input statistics of its modules, but none were given for "
+                             f"{missing[:3]}: pass module_statistics (DriftNet.module_statistics of the moments "
+                             f"captured at theta_0).")
+        return torch.stack([self.statistics_in[m](module_statistics[module].to(self.statistics_in[m].weight.dtype))
+                            for m, module in enumerate(self.modules_order)], 1)
 
     def initial_state(self, encoding: TaskEncoding) -> TaskState:
         """theta_0 for the encoded tasks: LoRA A = the fixed A_0, LoRA B = 0, shifts 0, head shift 0."""
@@ -227,15 +308,18 @@ class DriftNet(nn.Module):
         return torch.stack(projections, 1)
 
     def _module_hidden(self, projections: torch.Tensor, t_emb: torch.Tensor, encoding: TaskEncoding) -> torch.Tensor:
-        """The trunk over [z, time, module embedding, state projection] tokens: ``Tensor[T, M, R]``."""
+        """The trunk over [z, time, module embedding, state projection (, input statistics)] tokens:
+        ``Tensor[T, M, R]``."""
         num_tasks, num_modules = projections.shape[:2]
-        tokens = torch.cat([
+        parts = [
             encoding.embedding[:, None].expand(-1, num_modules, -1),
             t_emb[:, None].expand(-1, num_modules, -1),
             self.module_embedding[None].expand(num_tasks, -1, -1),
             projections,
-        ], dim=2)
-        return self.trunk(tokens)
+        ]
+        if self.statistics_size:
+            parts.append(encoding.module_statistics)
+        return self.trunk(torch.cat(parts, dim=2))
 
     def _module_outputs(self, hidden: torch.Tensor, bias_weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Every module's output map of ``hidden: [T, M, R]``, split into its state entries.

@@ -444,7 +444,9 @@ class EpisodeSampler(Sequence):
 
     Classes come from ``split`` of ``class_split`` (default: ``ClassSplit.from_dataset`` with seed 0 and
     fractions 0.7/0.15/0.15); ``split=None`` uses every class. ``ways``, ``shots`` and ``queries`` set the
-    fixed protocol (default 5, 5, 15); the "md" protocol draws them itself and takes none of them.
+    fixed protocol (default 5, 5, 15); the "md" protocol draws them itself and takes none of them, but its
+    upper bounds can be lowered for cheaper training episodes: ``max_ways`` (default 50) and ``max_support``
+    (support images in all, default 500).
     """
 
     def __init__(self, dataset: datasets.Dataset, protocol: str = "fixed", ways: int | None = None,
@@ -452,7 +454,7 @@ class EpisodeSampler(Sequence):
                  class_split: ClassSplit | None = None, image_column: str | None = None,
                  label_column: str | None = None, num_episodes: int = 600,
                  image_transform: Callable[[list[PILImage.Image]], Any] | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, max_ways: int | None = None, max_support: int | None = None):
         if not isinstance(dataset, datasets.Dataset):
             raise TypeError(f"dataset must be a datasets.Dataset (see load_image_dataset), got {type(dataset).__name__}")
         if protocol not in PROTOCOLS:
@@ -462,7 +464,15 @@ class EpisodeSampler(Sequence):
             if given:
                 raise ValueError(f"the md protocol draws ways, shots and queries itself; do not pass {sorted(given)} "
                                  "(use protocol='fixed' for N-way K-shot Q-query episodes)")
+            for name, value, low in (("max_ways", max_ways, MD_MIN_WAYS), ("max_support", max_support, MD_MIN_WAYS)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
+                                          or value < low):
+                    raise ValueError(f"{name} must be an integer >= {low} (or None for the protocol's default), "
+                                     f"got {value!r}")
         else:
+            if max_ways is not None or max_support is not None:
+                raise ValueError("max_ways and max_support bound the md protocol's draws; the fixed protocol takes "
+                                 "ways, shots and queries instead")
             ways = DEFAULT_WAYS if ways is None else ways
             shots = DEFAULT_SHOTS if shots is None else shots
             queries = DEFAULT_QUERIES if queries is None else queries
@@ -484,6 +494,8 @@ class EpisodeSampler(Sequence):
         self.dataset = dataset
         self.protocol = protocol
         self.ways, self.shots, self.queries = ways, shots, queries
+        self.max_ways = MD_MAX_WAYS if max_ways is None else int(max_ways)
+        self.max_support = MD_MAX_SUPPORT if max_support is None else int(max_support)
         self.seed = int(seed)
         self.split = split
         self.num_episodes = int(num_episodes)
@@ -537,6 +549,9 @@ class EpisodeSampler(Sequence):
             "dataset": getattr(dataset, "_fingerprint", None) or (dataset.info.dataset_name or ""),
             "split": split, "split_classes": len(self.class_names), "split_digest": digest,
             "protocol": protocol, "seed": self.seed,
+            # lowered md bounds only, so that specs of default episodes stay as they were
+            **({"max_ways": self.max_ways} if self.max_ways != MD_MAX_WAYS else {}),
+            **({"max_support": self.max_support} if self.max_support != MD_MAX_SUPPORT else {}),
         }
 
     def __len__(self) -> int:
@@ -575,14 +590,14 @@ class EpisodeSampler(Sequence):
             queries = self.queries
             shots = np.full(ways, self.shots)
         else:
-            ways = int(rng.integers(MD_MIN_WAYS, min(MD_MAX_WAYS, num_classes) + 1))
+            ways = int(rng.integers(MD_MIN_WAYS, min(self.max_ways, num_classes) + 1))
             chosen = rng.choice(num_classes, size=ways, replace=False)
             images_per_class = self._counts[chosen]
             queries = int(min(MD_MAX_QUERY_PER_CLASS, int(images_per_class.min()) // 2))
             remaining = images_per_class - queries
             beta = rng.uniform()
             contributions = np.minimum(MD_MAX_SUPPORT_PER_CLASS, remaining)
-            support_size = int(min(np.floor(beta * contributions + 1).sum(), MD_MAX_SUPPORT))
+            support_size = int(min(np.floor(beta * contributions + 1).sum(), max(self.max_support, ways)))
             weights = images_per_class * np.exp(rng.uniform(*MD_LOG_WEIGHT_RANGE, size=ways))
             desired = np.floor(weights / weights.sum() * (support_size - ways)).astype(np.int64) + 1
             shots = np.minimum(np.minimum(desired, remaining), MD_MAX_SUPPORT_PER_CLASS)

@@ -3,10 +3,12 @@ latency, query latency and peak memory of adaptation, and the ratios between met
 
 Methods:
 - ``dt``: direct transfer (prototypes of the frozen backbone, no adaptation);
-- ``ft-full``, ``ft-lora``, ``ft-shift``, ``ft-head``: gradient fine-tuning (P>M>F protocol, lr chosen per
-  dataset on validation episodes) of the whole backbone or of one adapted-state group;
+- ``ft-full``, ``ft-blocks``, ``ft-lora``, ``ft-shift``, ``ft-head``: gradient fine-tuning (P>M>F protocol, lr
+  chosen per dataset on validation episodes) of the whole backbone, of every weight of the adapted blocks, or
+  of one adapted-state group;
 - ``hyperflow``: the adapter's drift network with its integrator and steps; ``hyperflow:<integrator>:<steps>``
-  for other integrators / step counts (e.g. ``hyperflow:rk4:4``).
+  for other integrators / step counts (e.g. ``hyperflow:rk4:4``); ``hyperflow:auto`` (or
+  ``hyperflow:<integrator>:auto``) stops each task where its support set classifies itself best.
 
 Latency is wall-clock time from the support's pixel tensors to a ready classifier (image decoding and
 processing are the same for every method and excluded); query latency is the time of ``logits`` on the
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import HyperFlowAdapter
-from .config import INTEGRATOR_NAMES
+from .config import ADAPTED_GROUPS, INTEGRATOR_NAMES
 from .episodes import Episode, EpisodeSampler
 from .finetune import DEFAULT_LR_GRID, finetune, select_lr
 from .stats import mean_confidence_interval, paired_difference
@@ -37,11 +39,13 @@ __all__ = ["Method", "parse_method", "measure_peak_memory", "Evaluator", "FT_GRO
 
 FT_GROUPS: dict[str, tuple[str, ...]] = {
     "ft-full": ("full",),
+    "ft-blocks": ("blocks",),
     "ft-lora": ("lora",),
     "ft-shift": ("shift",),
     "ft-head": ("head",),
 }
-KNOWN_METHODS = ("dt", *FT_GROUPS, "hyperflow", "hyperflow:<integrator>:<steps>")
+KNOWN_METHODS = ("dt", *FT_GROUPS, "ft-<group>+<group>", "hyperflow", "hyperflow:auto",
+                 "hyperflow:<integrator>:<steps>")
 
 
 @dataclass(frozen=True)
@@ -52,25 +56,37 @@ class Method:
     kind: str
     groups: tuple[str, ...] = ()
     integrator: str | None = None
-    steps: int | None = None
+    steps: int | str | None = None
 
 
 def parse_method(name: str) -> Method:
-    """``"dt"``, ``"ft-full"``/``"ft-lora"``/``"ft-shift"``/``"ft-head"``, ``"hyperflow"`` or
+    """``"dt"``, ``"ft-full"``/``"ft-blocks"``/``"ft-lora"``/``"ft-shift"``/``"ft-head"``, a mix such as
+    ``"ft-lora+shift"``, ``"hyperflow"`` or
     ``"hyperflow:<integrator>:<steps>"``; anything else is a ValueError listing the choices."""
     if name == "dt":
         return Method(name, "dt")
     if name in FT_GROUPS:
         return Method(name, "ft", groups=FT_GROUPS[name])
+    if name.startswith("ft-") and "+" in name:  # a mix of state groups, e.g. ft-lora+shift
+        groups = tuple(name[3:].split("+"))
+        unknown = [g for g in groups if g not in ADAPTED_GROUPS]
+        if unknown or len(set(groups)) != len(groups):
+            raise ValueError(f"Method {name!r}: a fine-tuning mix joins distinct groups of {list(ADAPTED_GROUPS)} "
+                             f"with '+', e.g. 'ft-lora+shift'.")
+        return Method(name, "ft", groups=groups)
     if name == "hyperflow":
         return Method(name, "hyperflow")
+    if name == "hyperflow:auto":
+        return Method(name, "hyperflow", steps="auto")
     parts = name.split(":")
     if parts[0] == "hyperflow" and len(parts) == 3:
         integrator, steps = parts[1], parts[2]
         if integrator not in INTEGRATOR_NAMES:
             raise ValueError(f"Method {name!r}: integrator {integrator!r} is unknown; use one of {list(INTEGRATOR_NAMES)}.")
+        if steps == "auto":
+            return Method(name, "hyperflow", integrator=integrator, steps="auto")
         if not steps.isdigit() or int(steps) < 1:
-            raise ValueError(f"Method {name!r}: the number of steps must be a positive integer.")
+            raise ValueError(f"Method {name!r}: the number of steps must be a positive integer or 'auto'.")
         return Method(name, "hyperflow", integrator=integrator, steps=int(steps))
     raise ValueError(f"Unknown method {name!r}. Choose from {list(KNOWN_METHODS)}.")
 

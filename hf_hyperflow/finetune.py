@@ -13,7 +13,9 @@ What is optimised (``groups``):
   one parametrisation and a fine-tuning trajectory is a path in the drift network's state space; groups
   not chosen stay at theta_0;
 - ``("full",)``: every backbone parameter. The backbone itself is never written to: the optimised
-  parameters are copies run through ``torch.func.functional_call``, and the adapted task keeps them.
+  parameters are copies run through ``torch.func.functional_call``, and the adapted task keeps them;
+- ``("blocks",)``: every parameter of the adapted blocks (those from the config's ``first_adapted_block``
+  on, plus the layers after the last block), the same way; the frozen prefix is cached as for state groups.
 
 The backbone runs in eval mode (BatchNorm uses its running statistics and does not update them, dropout
 is off), so every image's features depend on that image and the weights only.
@@ -57,7 +59,8 @@ __all__ = [
     "select_lr",
 ]
 
-FINETUNE_GROUPS: tuple[str, ...] = (*ADAPTED_GROUPS, "full")
+WEIGHT_GROUPS: tuple[str, ...] = ("full", "blocks")
+FINETUNE_GROUPS: tuple[str, ...] = (*ADAPTED_GROUPS, *WEIGHT_GROUPS)
 DEFAULT_LR_GRID: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
 
 
@@ -101,13 +104,17 @@ def check_groups(adapter: HyperFlowAdapter, groups) -> tuple[str, ...]:
     unknown = [g for g in groups if g not in FINETUNE_GROUPS]
     if not groups or unknown:
         raise ValueError(f"groups={groups!r} is not valid: pass a non-empty mix of {list(ADAPTED_GROUPS)}, or "
-                         f"('full',) for the whole backbone.")
+                         f"('full',) for the whole backbone, or ('blocks',) for every weight of the adapted blocks.")
     if len(set(groups)) != len(groups):
         raise ValueError(f"groups={groups!r} lists a group twice.")
-    if "full" in groups and len(groups) > 1:
-        raise ValueError(f"groups={groups!r}: 'full' fine-tunes every backbone parameter and cannot be mixed with "
-                         f"state groups; pass ('full',) alone.")
-    missing = [g for g in groups if g != "full" and g not in adapter.config.groups]
+    weights = [g for g in groups if g in WEIGHT_GROUPS]
+    if weights and len(groups) > 1:
+        raise ValueError(f"groups={groups!r}: {weights[0]!r} fine-tunes backbone weights and cannot be mixed with "
+                         f"other groups; pass ({weights[0]!r},) alone.")
+    if groups == ("blocks",) and adapter.config.first_adapted_block is None:
+        raise ValueError("groups=('blocks',) fine-tunes the adapted blocks, but this adapter adapts every block "
+                         "(first_adapted_block=None): use ('full',), or an adapter with first_adapted_block set.")
+    missing = [g for g in groups if g not in WEIGHT_GROUPS and g not in adapter.config.groups]
     if missing:
         raise ValueError(f"groups {missing} are not part of this adapter's state (its config has groups="
                          f"{adapter.config.groups}); create the adapter with HyperFlowConfig(groups=[...]) including "
@@ -218,6 +225,18 @@ class _FunctionalEmbedder:
                          "a PEFT LoRA adapter. Fine-tune with groups such as ('lora', 'shift', 'head') to export.")
 
 
+def _adapted_block_parameters(backbone: nn.Module) -> list[str]:
+    """Names of the parameters after the frozen prefix: the adapted blocks and the layers after the last block."""
+    prefix = FrozenPrefix.find(backbone)
+    if prefix is None:
+        raise ValueError("groups=('blocks',) needs a frozen prefix: set HyperFlowConfig(first_adapted_block=...).")
+    module_names = [name for name, _ in backbone.named_modules()]
+    last_frozen = prefix.blocks[-1][0]
+    end = max(i for i, name in enumerate(module_names) if name == last_frozen or name.startswith(last_frozen + "."))
+    after = set(module_names[end + 1:])
+    return [name for name, _ in backbone.named_parameters() if name.rpartition(".")[0] in after]
+
+
 # ------------------------------------------------------------------------------------------------
 # Fine-tuning
 # ------------------------------------------------------------------------------------------------
@@ -292,13 +311,13 @@ def finetune(
     check_number(augment_probability, "augment_probability", 0.0, 1.0)
     if augment_pool is not None:
         check_int(augment_pool, "augment_pool", 1)
-    full = groups == ("full",)
+    full = groups[0] in WEIGHT_GROUPS
     if full and record_trajectory:
         raise ValueError("record_trajectory needs state groups (lora / shift / head); a full-backbone trajectory is "
                          "not a path in the adapter's state space.")
     if full and initial is not None:
         raise ValueError("initial applies to the state groups; full-backbone fine-tuning starts from the backbone.")
-    if full and prefix_cache:
+    if groups == ("full",) and prefix_cache:
         raise ValueError("prefix_cache=True is not possible with groups=('full',): every block is trained.")
     if classes is not None:
         classes = list(classes)
@@ -323,7 +342,7 @@ def finetune(
 def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps, lr, seed, probability,
          record_trajectory, augment_pool, prefix_cache, state0) -> FineTuneResult:
     start = time.perf_counter()
-    full = groups == ("full",)
+    full = groups[0] in WEIGHT_GROUPS
     support_size = pixels.shape[0]
     generator = torch.Generator().manual_seed(seed)
     scale = adapter.drift.logit_scale.detach()
@@ -332,7 +351,10 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
 
     # What is optimised.
     if full:
-        parameters = {name: p.detach().clone().requires_grad_(True) for name, p in backbone.named_parameters()}
+        names = (set(_adapted_block_parameters(backbone)) if groups == ("blocks",)
+                 else {name for name, _ in backbone.named_parameters()})
+        parameters = {name: p.detach().clone().requires_grad_(True) for name, p in backbone.named_parameters()
+                      if name in names}
         functional = _FunctionalEmbedder(backbone, parameters)
         leaves = list(parameters.values())
         state = None
@@ -349,7 +371,7 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
 
     # Frozen prefix.
     prefix = None
-    if not full and prefix_cache is not False:
+    if groups != ("full",) and prefix_cache is not False:
         prefix = FrozenPrefix.find(backbone)
         if prefix is None and prefix_cache:
             raise ValueError("prefix_cache=True, but this backbone has no block before its first HyperFlow layer; set "

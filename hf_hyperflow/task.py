@@ -82,6 +82,12 @@ class AdaptedTask:
         self._config = config
         self._meta: dict = dict(source or {})
 
+    @property
+    def integration_time(self) -> float | None:
+        """How far along the drift's path this task was adapted: 1.0 for the whole path, 0.0 for direct
+        transfer (``steps="auto"`` chooses per task); None for a task not made by HyperFlow integration."""
+        return self._meta.get("integration_time")
+
     @torch.no_grad()
     def embed(self, images) -> torch.Tensor:
         """``Tensor[B, D]``: pooled features of the adapted backbone (PIL images or pixel_values)."""
@@ -145,6 +151,7 @@ class AdaptedTask:
             "source_adapter_revision": self._meta.get("source_adapter_revision"),
             "support_size": self._meta.get("support_size"),
             "base_model": self._meta.get("base_model"),
+            "integration_time": self._meta.get("integration_time"),
         }
         (directory / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if self.image_processor is not None:

@@ -126,3 +126,72 @@ def test_untrained_drift_stays_at_theta0():
     encoding = encode(net)
     state = net.integrate(encoding, 5, method="rk4")
     assert_states_close(state, net.initial_state(encoding), torch.float64)
+
+
+# -- module input statistics ----------------------------------------------------------------------------
+from hf_hyperflow.drift import input_statistics  # noqa: E402
+from hf_hyperflow.tuner.model import channel_moments  # noqa: E402
+
+CHANNELS = {"fc1": 8, "norm": 6, "conv": 4}
+
+
+def moments_for(sizes, seed=2, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    out = {}
+    for module, c in CHANNELS.items():
+        mean = torch.randn(n, c, generator=generator, dtype=dtype)
+        out[module] = (mean, mean.pow(2) + torch.rand(n, c, generator=generator, dtype=dtype))
+    return out
+
+
+def test_channel_moments_channels_first_last_and_folded_rows():
+    x = torch.randn(3, 4, 5, 6)  # NCHW, 4 channels
+    mean, square = channel_moments(x, 4, 3)
+    torch.testing.assert_close(mean, x.mean((2, 3)))
+    torch.testing.assert_close(square, x.pow(2).mean((2, 3)))
+    tokens = torch.randn(3, 7, 5)  # [N, L, C]
+    torch.testing.assert_close(channel_moments(tokens, 5, 3)[0], tokens.mean(1))
+    windows = torch.randn(6, 7, 5)  # two windows per image folded into the batch axis
+    torch.testing.assert_close(channel_moments(windows, 5, 3)[0], windows.reshape(3, 14, 5).mean(1))
+    with pytest.raises(ValueError, match=r"Cannot read 9 channels of 3 images"):
+        channel_moments(x, 9, 3)
+
+
+def test_input_statistics_known_answer():
+    # two classes, one channel: image means 0, 2 (class 0) and 4, 6 (class 1); every mean square = mean^2 + 1
+    mean = torch.tensor([[0.0], [2.0], [4.0], [6.0]], dtype=torch.float64)
+    square = mean.pow(2) + 1
+    stats = input_statistics(mean, square, torch.tensor([0, 0, 1, 1]), 2)
+    variance = (square.mean() - mean.mean() ** 2) + 1e-5  # 1 + 5 = 6
+    assert stats.shape == (3,)
+    # computed in float32: within a few float32 epsilons
+    assert float(stats[2]) == pytest.approx(2.0 / float(variance.sqrt()), rel=8 * torch.finfo(torch.float32).eps)
+    assert float(stats[0]) == 0.0 and float(stats[1]) == 0.0  # one channel standardises to 0
+
+
+def test_statistics_change_the_drift_and_reduced_integration_still_matches():
+    net = DriftNet(ENTRIES, feature_size=FEATURES, groups=["lora", "shift", "head"], hidden_size=16, output_rank=5,
+                   state_projection_size=4, module_channels=CHANNELS, statistics_size=3).to(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():
+            if name.startswith("state_out") or name.startswith("head_net"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * 0.3)
+    sizes, classes = [6, 4], [3, 2]
+    labels = torch.cat([torch.arange(s) % c for s, c in zip(sizes, classes, strict=True)])
+    features = torch.randn(sum(sizes), FEATURES, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"reads the input statistics of its modules, but none were given"):
+        net.encode_tasks(features, labels, sizes, classes)
+    statistics = net.module_statistics(moments_for(sizes), labels, sizes, classes)
+    assert {k: tuple(v.shape) for k, v in statistics.items()} == {m: (2, 3 * c) for m, c in CHANNELS.items()
+                                                                  if m in net.modules_order}
+    encoding = net.encode_tasks(features, labels, sizes, classes, statistics)
+    assert encoding.module_statistics.shape == (2, len(net.modules_order), 3)
+    reduced = net.integrate(encoding, 4)
+    full = integrate(lambda s, t: net(s, t, encoding), net.initial_state(encoding), 4)
+    assert_states_close(reduced, full, torch.float64)
+    other = net.encode_tasks(features, labels, sizes, classes,
+                             net.module_statistics(moments_for(sizes, seed=5), labels, sizes, classes))
+    changed = net.integrate(other, 4)
+    assert any(not torch.allclose(changed[k], reduced[k]) for k in reduced if not k.startswith("head"))

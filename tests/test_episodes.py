@@ -460,3 +460,24 @@ def test_load_image_dataset_from_local_sources(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match=r"is a file but not a .parquet file"):
         load_image_dataset(tmp_path / "notes.txt")
+
+
+def test_md_bounds_lower_ways_and_support():
+    import datasets as hf_datasets
+    from PIL import Image as PILImage
+
+    rows = [{"image": PILImage.new("RGB", (4, 4), (k, 0, 0)), "label": str(k % 30)} for k in range(30 * 12)]
+    dataset = hf_datasets.Dataset.from_list(rows).cast_column("label", hf_datasets.ClassLabel(
+        names=sorted({r["label"] for r in rows})))
+    bounded = EpisodeSampler(dataset, protocol="md", split=None, num_episodes=40, max_ways=8, max_support=30)
+    ways = [bounded.plan(i) for i in range(40)]
+    assert max(len(p.classes) for p in ways) <= 8
+    assert max(len(p.support_indices) for p in ways) <= 30
+    assert bounded[0].spec["max_ways"] == 8 and bounded[0].spec["max_support"] == 30
+    default = EpisodeSampler(dataset, protocol="md", split=None, num_episodes=40)
+    assert "max_ways" not in default[0].spec
+    assert max(len(default.plan(i).classes) for i in range(40)) > 8
+    with pytest.raises(ValueError, match=r"max_ways must be an integer >= 5"):
+        EpisodeSampler(dataset, protocol="md", split=None, max_ways=2)
+    with pytest.raises(ValueError, match=r"max_ways and max_support bound the md protocol"):
+        EpisodeSampler(dataset, protocol="fixed", split=None, max_ways=8)

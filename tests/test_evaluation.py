@@ -64,6 +64,12 @@ def test_parse_method_and_unknown_methods():
     assert parse_method("hyperflow:rk4:4").integrator == "rk4"
     assert parse_method("hyperflow:rk4:4").steps == 4
     assert parse_method("ft-lora").groups == ("lora",)
+    assert parse_method("ft-blocks").groups == ("blocks",)
+    assert parse_method("ft-lora+shift").groups == ("lora", "shift")
+    with pytest.raises(ValueError, match=r"a fine-tuning mix joins distinct groups"):
+        parse_method("ft-lora+full")
+    with pytest.raises(ValueError, match=r"a fine-tuning mix joins distinct groups"):
+        parse_method("ft-lora+lora")
     with pytest.raises(ValueError, match=r"Unknown method 'ft-everything'.*'dt'"):
         parse_method("ft-everything")
     with pytest.raises(ValueError, match="integrator 'rk7' is unknown"):

@@ -131,6 +131,33 @@ def test_full_finetuning_leaves_backbone_unchanged_and_task_keeps_weights(vit, s
     assert again.losses == result.losses
 
 
+def test_blocks_finetuning_trains_only_the_adapted_blocks(support):
+    adapter = tiny_vit(first_adapted_block=-1)
+    pixels, labels = support
+    before = backbone_snapshot(adapter)
+    dt = adapter.direct_transfer(pixels, labels.tolist())
+    result = finetune(adapter, pixels, labels, groups=("blocks",), steps=10, lr=1e-3)
+    assert_same_backbone(adapter, before)
+    assert result.prefix_cached
+    trained = set(result.task._embedder.parameters)
+    assert trained and all(".layers.2." in name or "layernorm" in name or "pooler" in name for name in trained)
+    assert not any(".layers.0." in name or ".layers.1." in name or "embeddings" in name for name in trained)
+    assert support_loss(result.task, pixels, labels) < support_loss(dt, pixels, labels) - 0.01
+    # the same as without the cache, up to float rounding
+    uncached = finetune(adapter, pixels, labels, groups=("blocks",), steps=10, lr=1e-3, prefix_cache=False)
+    assert not uncached.prefix_cached
+    expected = uncached.task.embed(pixels)
+    torch.testing.assert_close(result.task.embed(pixels), expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_blocks_finetuning_needs_a_frozen_prefix(vit, support):
+    pixels, labels = support
+    with pytest.raises(ValueError, match=r"fine-tunes the adapted blocks, but this adapter adapts every block"):
+        finetune(vit, pixels, labels, groups=("blocks",), steps=1, lr=1e-3)
+    with pytest.raises(ValueError, match=r"'blocks' fine-tunes backbone weights and cannot be mixed"):
+        finetune(vit, pixels, labels, groups=("blocks", "head"), steps=1, lr=1e-3)
+
+
 def test_finetune_is_deterministic_per_seed(vit, support):
     pixels, labels = support
     a = finetune(vit, pixels, labels, steps=5, lr=1e-2, seed=3)

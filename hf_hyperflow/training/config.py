@@ -31,10 +31,11 @@ TRACKERS = ("tensorboard", "trackio")
 # HyperFlowConfig fields a training config may set (the others are filled in from the backbone).
 ADAPTER_FIELDS = ("groups", "r", "lora_alpha", "target_modules", "shift_modules", "exclude_modules",
                   "first_adapted_block", "integrator", "steps", "hidden_size", "time_embedding_size",
-                  "module_embedding_size", "output_rank", "state_projection_size", "image_size", "init_seed")
+                  "module_embedding_size", "output_rank", "state_projection_size", "statistics_size", "image_size",
+                  "init_seed", "stopping", "stopping_points")
 # Backbones that can be written to a folder offline (hf_hyperflow.pretrained).
 BACKBONE_BUILDERS = ("efficientnet_lite0",)
-EPISODE_SHAPE = ("protocol", "ways", "shots", "queries")
+EPISODE_SHAPE = ("protocol", "ways", "shots", "queries", "max_ways", "max_support")
 
 
 @dataclass
@@ -91,6 +92,10 @@ class EpisodesSection:
     ways: int | None = field(default=None, metadata={"help": "Classes per episode (fixed protocol; default 5)."})
     shots: int | None = field(default=None, metadata={"help": "Support images per class (fixed protocol; default 5)."})
     queries: int | None = field(default=None, metadata={"help": "Query images per class (fixed protocol; default 15)."})
+    max_ways: int | None = field(default=None, metadata={
+        "help": "md protocol: the largest number of ways drawn (default 50); lower it for cheaper training episodes."})
+    max_support: int | None = field(default=None, metadata={
+        "help": "md protocol: the most support images of an episode (default 500)."})
     seed: int = field(default=0, metadata={"help": "Seed of the training episodes (episode i comes from (seed, i))."})
 
 
@@ -575,6 +580,9 @@ def _check_episode_shape(shape: dict, key: str) -> None:
         for name, low in (("ways", 2), ("shots", 1), ("queries", 1)):
             if shape[name] is not None:
                 check_int(shape[name], f"{key}.{name}", low)
+        if shape.get("max_ways") is not None or shape.get("max_support") is not None:
+            raise ValueError(f"{key}: max_ways and max_support bound the md protocol; the fixed protocol takes ways, "
+                             f"shots and queries.")
     elif any(shape[name] is not None for name in ("ways", "shots", "queries")):
         raise ValueError(f"{key}: the md protocol draws ways, shots and queries itself; set {key}.ways, "
                          f"{key}.shots and {key}.queries to null.")
@@ -591,5 +599,7 @@ def episode_shape(config: TrainConfig, entry: DatasetSection) -> dict:
     if entry.episodes:
         if entry.episodes.get("protocol") == "md":
             shape.update(ways=None, shots=None, queries=None)
+        elif entry.episodes.get("protocol") == "fixed":
+            shape.update(max_ways=None, max_support=None)
         shape.update(entry.episodes)
     return shape

@@ -268,8 +268,9 @@ class _Run:
             draws = [pool.draw(g) for g in ids]
             used_trajectories += [pool.trajectory_id(i) for i, _ in draws]
             features = [pool.features(i, self.device, self.dtype) for i, _ in draws]
-            flow = flow_inputs(self.drift, [f for f, _ in features], [y for _, y in features],
-                               [pool.path(i) for i, _ in draws], torch.tensor([t for _, t in draws]), pool.groups)
+            flow = flow_inputs(self.drift, [f for f, _, _ in features], [y for _, y, _ in features],
+                               [pool.path(i) for i, _ in draws], torch.tensor([t for _, t in draws]), pool.groups,
+                               [m for _, _, m in features])
         return unrolled, flow
 
     def after_step(self, step: int, end: int) -> None:

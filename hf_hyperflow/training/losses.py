@@ -62,6 +62,8 @@ class FlowInputs:
         positions / velocities: TaskStates of T tasks (every entry of the adapter's state; the head padded to
             the largest number of classes).
         groups: the groups the loss is computed on (those the trajectories fine-tuned).
+        module_statistics: ``name -> Tensor[T, 3 C]`` (``DriftNet.module_statistics``), for a drift network
+            that reads module input statistics (else None).
     """
 
     features: torch.Tensor
@@ -72,6 +74,7 @@ class FlowInputs:
     positions: TaskState
     velocities: TaskState
     groups: list[str]
+    module_statistics: dict | None = None
 
 
 def flow_matching_loss(drift: DriftNet, inputs: FlowInputs, scales: dict[str, float],
@@ -85,7 +88,8 @@ def flow_matching_loss(drift: DriftNet, inputs: FlowInputs, scales: dict[str, fl
         ``(loss, {group: its term})`` (0-d tensors).
     """
     if encoding is None:
-        encoding = drift.encode_tasks(inputs.features, inputs.labels, inputs.sizes, inputs.num_classes)
+        encoding = drift.encode_tasks(inputs.features, inputs.labels, inputs.sizes, inputs.num_classes,
+                                      inputs.module_statistics)
     predicted = drift(inputs.positions, inputs.times, encoding)
     num_tasks = inputs.times.shape[0]
     terms: dict[str, torch.Tensor] = {}
@@ -158,7 +162,8 @@ def _pad_heads(states: list[TaskState], c_max: int) -> list[TaskState]:
 
 
 def flow_inputs(drift: DriftNet, features: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], paths: Sequence,
-                times: torch.Tensor, groups: Sequence[str]) -> FlowInputs:
+                times: torch.Tensor, groups: Sequence[str], module_statistics: Sequence[dict] | None = None
+                ) -> FlowInputs:
     """Assemble :class:`FlowInputs` from T tasks.
 
     Args:
@@ -167,6 +172,7 @@ def flow_inputs(drift: DriftNet, features: Sequence[torch.Tensor], labels: Seque
             ``velocity(t)`` give TaskStates of one task with the fine-tuned entries).
         times: ``Tensor[T]`` in [0, 1].
         groups: the groups of the loss.
+        module_statistics: T dicts ``name -> Tensor[1, 3 C]`` of module input statistics, or None.
     """
     num_classes = [int(y.max()) + 1 for y in labels]
     c_max = max(num_classes)
@@ -180,7 +186,14 @@ def flow_inputs(drift: DriftNet, features: Sequence[torch.Tensor], labels: Seque
         features=torch.cat(list(features)), labels=torch.cat(list(labels)).to(device),
         sizes=[f.shape[0] for f in features], num_classes=num_classes, times=times.to(device, torch.float32),
         positions=TaskState.cat(_pad_heads(positions, c_max)), velocities=TaskState.cat(_pad_heads(velocities, c_max)),
-        groups=list(groups))
+        groups=list(groups), module_statistics=_cat_statistics(module_statistics))
+
+
+def _cat_statistics(per_task: Sequence[dict] | None) -> dict | None:
+    """One dict of module input statistics for T tasks (None when not used)."""
+    if not per_task or per_task[0] is None:
+        return None
+    return {name: torch.cat([m[name] for m in per_task]) for name in per_task[0]}
 
 
 def episode_logits(adapter, inputs: UnrolledInputs, prefix: FrozenPrefix | None = None, *,
@@ -195,14 +208,15 @@ def episode_logits(adapter, inputs: UnrolledInputs, prefix: FrozenPrefix | None 
             backbone skips those blocks); None: the blocks run.
     """
     with skip_prefix(prefix, inputs.support_prefix, inputs.support.shape[0]):
-        features0 = adapter.task_features(inputs.support)
         if direct_transfer:
             batch = adapter.transfer_batch(inputs.support, inputs.support_labels, inputs.support_sizes,
-                                           inputs.num_classes, task_features=features0)
+                                           inputs.num_classes, task_features=adapter.task_features(inputs.support))
         else:
+            features0, statistics = adapter.task_inputs(inputs.support, inputs.support_labels, inputs.support_sizes,
+                                                        inputs.num_classes)
             batch = adapter.adapt_batch(inputs.support, inputs.support_labels, inputs.support_sizes,
                                         inputs.num_classes, steps=steps, integrator=integrator,
-                                        task_features=features0)
+                                        task_features=features0, module_statistics=statistics)
     with skip_prefix(prefix, inputs.query_prefix, inputs.query.shape[0]):
         return adapter.query_logits(batch, inputs.query, inputs.query_sizes)
 

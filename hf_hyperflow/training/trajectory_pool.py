@@ -116,6 +116,7 @@ class TrajectoryPool:
             self._samplers[cache_key] = EpisodeSampler(
                 dataset, protocol=description.get("protocol") or "fixed", ways=description.get("ways"),
                 shots=description.get("shots"), queries=description.get("queries"),
+                max_ways=description.get("max_ways"), max_support=description.get("max_support"),
                 seed=description.get("episode_seed") or 0, split=description.get("split", "train"),
                 class_split=class_split, num_episodes=size, image_transform=self.transform)
         sampler = self._samplers[cache_key]
@@ -126,8 +127,9 @@ class TrajectoryPool:
                              f"its class split changed since it was recorded.")
         return episode, self._row_keys[cache_key]
 
-    def features(self, index: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Tensor[S, D], LongTensor[S])``: the trajectory's support features at theta_0 and labels (cached)."""
+    def features(self, index: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+        """``(Tensor[S, D], LongTensor[S], statistics)``: the trajectory's support features at theta_0, its labels
+        and (for a drift network that reads them) its module input statistics; cached."""
         if index not in self._features:
             store_index, i = self.entries[index]
             record = self.stores[store_index][i].meta
@@ -135,8 +137,9 @@ class TrajectoryPool:
             pixels = episode.support_images.to(device, dtype)
             keys = [(row_key, r) for r in episode.support_indices]
             with self.prefix.context(pixels, keys):
-                feats = self.adapter.task_features(pixels)
-            self._features[index] = (feats, episode.support_labels.to(device))
+                labels = episode.support_labels.to(device)
+                feats, statistics = self.adapter.task_inputs(pixels, labels, [len(labels)], [int(labels.max()) + 1])
+            self._features[index] = (feats, labels, statistics)
         return self._features[index]
 
     def path(self, index: int):

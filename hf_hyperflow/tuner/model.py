@@ -22,7 +22,27 @@ from ..drift import DriftNet
 from ..state import StateEntry, TaskState, state_key
 from .layer import HyperFlowConv2d, HyperFlowLayer, HyperFlowLinear, HyperFlowNorm
 
-__all__ = ["HyperFlowModel", "layer_state_entries"]
+__all__ = ["HyperFlowModel", "channel_moments", "layer_state_entries"]
+
+
+def channel_moments(x: torch.Tensor, channels: int, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the mean of ``x`` and of ``x ** 2`` over everything but the channel axis.
+
+    Args:
+        x: a layer input with the channel axis at 1 (``[R, C, H, W]``) or last (``[R, ..., C]``), where the
+            R rows are ``num_images`` images times rows per image (windows, when a model folds them in).
+        channels: C.
+
+    Returns:
+        ``(mean, mean_square)``, each ``Tensor[num_images, C]`` in float32.
+    """
+    if x.dim() == 4 and x.shape[1] == channels:
+        x = x.movedim(1, -1)
+    if x.shape[-1] != channels or x.shape[0] % num_images:
+        raise ValueError(f"Cannot read {channels} channels of {num_images} images from an input of shape "
+                         f"{tuple(x.shape)}.")
+    x = x.float().reshape(num_images, -1, channels)
+    return x.mean(1), x.pow(2).mean(1)
 
 
 def layer_state_entries(name: str, layer: HyperFlowLayer, rank: int) -> list[StateEntry]:
@@ -152,6 +172,8 @@ class HyperFlowModel(BaseTuner):
             state_projection_size=config.state_projection_size,
             output_rank=config.output_rank,
             init_seed=config.init_seed,
+            module_channels={name: layer.in_features for name, layer in self.hyperflow_layers()},
+            statistics_size=config.statistics_size,
         )
         parameter = next(iter(model.parameters()))
         drift.to(device=parameter.device)
@@ -208,6 +230,29 @@ class HyperFlowModel(BaseTuner):
         finally:
             for _, layer in layers:
                 layer.clear_task_delta()
+
+    @contextlib.contextmanager
+    def input_moments(self, num_images: int):
+        """Within this block, every forward pass records the moments of each HyperFlow layer's input.
+
+        Yields a dict filled as the backbone runs: ``module name -> (mean, mean_square)``, each
+        ``Tensor[num_images, C]`` (float32, no autograd): per image, the mean of the input and of its square
+        over the positions / tokens of each of its C input channels.
+        """
+        moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def record(name: str, channels: int):
+            def hook(module, args):
+                moments[name] = channel_moments(args[0].detach(), channels, num_images)
+            return hook
+
+        handles = [layer.register_forward_pre_hook(record(name, layer.in_features))
+                   for name, layer in self.hyperflow_layers()]
+        try:
+            yield moments
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextlib.contextmanager
     def merged_task(self, state: TaskState):
