@@ -19,6 +19,8 @@ _MODULES = {
     "glyphs": "recipes.data.glyphs",
     "emoji": "recipes.data.emoji",
     "fashion_mnist": "recipes.data.fashion_mnist",
+    "wesnoth_units": "recipes.data.wesnoth_units",
+    "cataclysm_tiles": "recipes.data.cataclysm_tiles",
 }
 
 

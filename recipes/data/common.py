@@ -137,6 +137,27 @@ def png_bytes(image: Image.Image) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
+def fit_sprite(image: Image.Image, size: int, margin: int = 0, pixel_art: bool = False) -> Image.Image:
+    """A sprite with transparency cropped to its visible pixels (alpha > 8), scaled with its aspect kept so that
+    its longer side is ``size - 2 * margin``, centred on white: RGB ``size`` x ``size``. ``pixel_art``: enlarge
+    by the largest whole factor that fits with nearest-neighbour first (crisp pixels), then Lanczos for the
+    rest of the way; otherwise Lanczos all the way."""
+    rgba = image.convert("RGBA")
+    box = rgba.getchannel("A").point(lambda a: 255 if a > 8 else 0).getbbox()
+    sprite = rgba.crop(box) if box else rgba
+    inner = size - 2 * margin
+    if pixel_art and max(sprite.size) < inner:
+        factor = inner // max(sprite.size)
+        sprite = sprite.resize((sprite.width * factor, sprite.height * factor), Image.Resampling.NEAREST)
+    scale = inner / max(sprite.size)
+    width, height = (max(1, round(d * scale)) for d in sprite.size)
+    if (width, height) != sprite.size:
+        sprite = sprite.resize((width, height), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
+    canvas.alpha_composite(sprite, ((size - width) // 2, (size - height) // 2))
+    return canvas.convert("RGB")
+
+
 def class_label(names: list[str]) -> datasets.ClassLabel:
     if len(set(names)) != len(names):
         duplicates = [n for n, c in Counter(names).items() if c > 1]
