@@ -165,7 +165,14 @@ def test_usage_errors_exit_2(argv, capsys):
 
 
 def test_data_build_and_list(tmp_path, capsys):
+    import importlib.metadata
+
     import datasets
+
+    from hf_hyperflow.registry import ENTRY_POINT_GROUP
+
+    if not importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        missing_requirement(f"no {ENTRY_POINT_GROUP} entry points in this environment: pip install -e .")
 
     assert main(["data", "build", "--name", "digits", "--output", str(tmp_path / "digits"), "--max-classes", "3"]) == 0
     built = datasets.load_from_disk(str(tmp_path / "digits"))
