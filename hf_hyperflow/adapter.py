@@ -23,9 +23,11 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch import nn
+from torch.profiler import record_function
 from transformers import AutoImageProcessor
 
 from .backbones import backbone_fingerprint, embed, model_type_of
+from .backbones import images_per_pass as default_images_per_pass
 from .cards import AdapterCardData, card_repo_id, render_adapter_card
 from .config import HyperFlowConfig
 from .drift import DriftNet, TaskEncoding
@@ -33,14 +35,18 @@ from .heads import class_prototypes
 from .hub import push_folder_to_hub, resolve_pretrained_folder
 from .inputs import check_pair, default_image_processor, encode_labels, to_pixel_values
 from .io import load_safetensors_checked, read_json_checked
-from .prefix import FrozenPrefix, Uncacheable, skip_prefix
+from .prefix import FrozenPrefix, Uncacheable, block_output_sizes, cat_leaves, image_range, skip_prefix
 from .results import save_results_plot
 from .state import HEAD_KEY, TaskState
 from .stopping import candidate_steps, choose_point, leave_one_out_loss
 from .task import AdaptedTask, HyperFlowEmbedder
 from .tuner.model import HyperFlowModel
 
-__all__ = ["HyperFlowAdapter", "TaskBatch"]
+__all__ = ["HyperFlowAdapter", "TaskBatch", "CPU_TASKS_PER_BATCH", "ACCELERATOR_TASKS_PER_BATCH"]
+
+# Tasks adapt_many adapts together by default (benchmarks/adapt_speed.md measured the CPU value).
+CPU_TASKS_PER_BATCH = 16
+ACCELERATOR_TASKS_PER_BATCH = 64
 
 
 @dataclass
@@ -75,6 +81,12 @@ def _padded_prototypes(features: torch.Tensor, labels: torch.Tensor, sizes: list
     ])
 
 
+def _joined(parts: list[tuple]) -> tuple:
+    """``(features, prefix, prefix output)`` passes over consecutive images joined into one."""
+    kept = None if parts[0][1] is None else cat_leaves([output for _, _, output in parts])
+    return torch.cat([features for features, _, _ in parts]), parts[0][1], kept
+
+
 class HyperFlowAdapter:
     """A HyperFlow drift network on a Hugging Face vision backbone.
 
@@ -84,6 +96,11 @@ class HyperFlowAdapter:
         config: a :class:`HyperFlowConfig` (default: lora + shift + head, Euler, 10 steps).
         image_processor: turns PIL images into pixel_values; default: the backbone's own, or a
             ViT image processor at ``config.image_size``.
+
+    Attributes:
+        images_per_pass, images_per_late_pass: images per forward pass over a support set in the backbone's
+            early, high-resolution blocks and in its later blocks (direct transfer's and adaptation's passes); None:
+            :func:`hf_hyperflow.backbones.images_per_pass` for the device (all at once on an accelerator).
     """
 
     def __init__(self, backbone: nn.Module | PeftModel, config: HyperFlowConfig | None = None, image_processor=None,
@@ -102,6 +119,8 @@ class HyperFlowAdapter:
         self.image_processor = image_processor or default_image_processor(self.backbone, self.config.image_size)
         self.name_or_path: str | None = None
         self.revision: str | None = None
+        self.images_per_pass: int | None = None
+        self.images_per_late_pass: int | None = None
 
     # -- parts -------------------------------------------------------------------------------------
     @property
@@ -171,20 +190,31 @@ class HyperFlowAdapter:
         return self.adapt_many([(support_images, support_labels, classes)], steps=steps, integrator=integrator)[0]
 
     @torch.no_grad()
-    def adapt_many(self, tasks: Sequence[tuple], *, steps: int | str | None = None, integrator: str | None = None
-                   ) -> list[AdaptedTask]:
-        """Adapt several tasks in one batch. ``tasks``: ``(support_images, support_labels)`` or
+    def adapt_many(self, tasks: Sequence[tuple], *, steps: int | str | None = None, integrator: str | None = None,
+                   tasks_per_batch: int | None = None) -> list[AdaptedTask]:
+        """Adapt several tasks in batches. ``tasks``: ``(support_images, support_labels)`` or
         ``(support_images, support_labels, classes)`` tuples; ``steps`` as in :meth:`adapt`. Returns one
-        AdaptedTask per task."""
+        AdaptedTask per task, equal to what ``adapt`` returns for it (up to float rounding).
+
+        Args:
+            tasks_per_batch: tasks adapted together (default ``CPU_TASKS_PER_BATCH`` or
+                ``ACCELERATOR_TASKS_PER_BATCH``): the per-image work is the same either way, so larger batches only
+                save per-task overhead, while the features they hold take memory in proportion.
+        """
         if not tasks:
             raise ValueError("adapt_many needs at least one task.")
         steps, stopping = _steps_and_stopping(steps)
-        supports = [self._support(*task) for task in tasks]
-        sizes = [len(labels) for _, labels, _ in supports]
-        batch = self.adapt_batch(torch.cat([p for p, _, _ in supports]), torch.cat([y for _, y, _ in supports]),
-                                 sizes, [len(names) for _, _, names in supports], steps=steps, integrator=integrator,
-                                 stopping=stopping)
-        return [self._task(batch, i, names) for i, (_, _, names) in enumerate(supports)]
+        chunk = tasks_per_batch or (CPU_TASKS_PER_BATCH if self._device_dtype()[0].type == "cpu"
+                                    else ACCELERATOR_TASKS_PER_BATCH)
+        adapted = []
+        for start in range(0, len(tasks), chunk):
+            supports = [self._support(*task) for task in tasks[start : start + chunk]]
+            sizes = [len(labels) for _, labels, _ in supports]
+            batch = self.adapt_batch(torch.cat([p for p, _, _ in supports]), torch.cat([y for _, y, _ in supports]),
+                                     sizes, [len(names) for _, _, names in supports], steps=steps,
+                                     integrator=integrator, stopping=stopping)
+            adapted += [self._task(batch, i, names) for i, (_, _, names) in enumerate(supports)]
+        return adapted
 
     @torch.no_grad()
     def direct_transfer(self, support_images, support_labels, classes: Sequence | None = None) -> AdaptedTask:
@@ -203,24 +233,30 @@ class HyperFlowAdapter:
             labels: ``LongTensor[N]``, labels within each task.
             sizes: support images per task; num_classes: classes per task.
             stopping: ``"fixed"`` or ``"auto"`` (default: the config's; see :mod:`hf_hyperflow.stopping`).
-            task_features, module_statistics: precomputed ``task_inputs(...)``, if at hand.
+            task_features, module_statistics: precomputed ``task_inputs(...)``, if at hand; then the caller owns the
+                passes' context (e.g. meta-training's cached prefix) and an adapted pass takes all images at once.
+                Without them the first pass is :meth:`frozen_features` and the adapted passes reuse its frozen
+                prefix's output, a few tasks at a time on a CPU.
         """
         drift = self.drift
         steps = steps if steps is not None else self.config.steps
-        # The frozen prefix (blocks before the first adapted one) runs once for every pass over the support.
-        prefix, prefix_output = self._prefix_output(pixel_values) if task_features is None else (None, None)
-        if task_features is None:
-            with skip_prefix(prefix, prefix_output, pixel_values.shape[0]):
-                task_features, module_statistics = self.task_inputs(pixel_values, labels, sizes, num_classes)
-        encoding = drift.encode_tasks(task_features, labels, sizes, num_classes, module_statistics)
+        prefix = prefix_output = None
+        own_passes = task_features is None
+        if own_passes:  # the first pass; the adapted ones reuse its frozen prefix's output
+            with record_function("hyperflow.frozen_pass"):
+                task_features, module_statistics, prefix, prefix_output = self._first_pass(
+                    pixel_values, labels, sizes, num_classes)
+        with record_function("hyperflow.task_encoding"):
+            encoding = drift.encode_tasks(task_features, labels, sizes, num_classes, module_statistics)
         auto = (stopping or self.config.stopping) == "auto"
-        path = drift.integrate(encoding, steps, method=integrator or self.config.integrator, return_path=auto)
+        with record_function("hyperflow.drift"):
+            path = drift.integrate(encoding, steps, method=integrator or self.config.integrator, return_path=auto)
 
         def support_features(state: TaskState, step: int) -> torch.Tensor:
             if step == 0 or not set(self.config.groups) & {"lora", "shift"}:
                 return task_features
-            with skip_prefix(prefix, prefix_output, pixel_values.shape[0]), self.tuner.task_deltas(state, sizes):
-                return embed(self.backbone, pixel_values)
+            with record_function("hyperflow.adapted_pass"):
+                return self._adapted_features(pixel_values, state, sizes, prefix, prefix_output, own_passes)
 
         if auto:
             points = candidate_steps(steps, self.config.stopping_points)
@@ -232,9 +268,10 @@ class HyperFlowAdapter:
         else:
             state, times = path, [1.0] * len(sizes)
             features = support_features(state, steps)
-        prototypes = _padded_prototypes(features, labels, sizes, num_classes)
-        if "head" in self.config.groups:
-            prototypes = prototypes + state[HEAD_KEY]
+        with record_function("hyperflow.head"):
+            prototypes = _padded_prototypes(features, labels, sizes, num_classes)
+            if "head" in self.config.groups:
+                prototypes = prototypes + state[HEAD_KEY]
         return TaskBatch(state=state, prototypes=prototypes, class_mask=encoding.class_mask, encoding=encoding,
                          sizes=list(sizes), times=times)
 
@@ -257,7 +294,7 @@ class HyperFlowAdapter:
                        num_classes: list[int], *, task_features: torch.Tensor | None = None) -> TaskBatch:
         """Direct transfer of T tasks (the arguments of :meth:`adapt_batch`): prototypes of the frozen features,
         no delta (``state`` None)."""
-        features = task_features if task_features is not None else self.task_features(pixel_values)
+        features = task_features if task_features is not None else self.frozen_features(pixel_values)[0]
         counts = torch.tensor(num_classes, device=features.device)
         class_mask = torch.arange(max(num_classes), device=features.device)[None] < counts[:, None]
         return TaskBatch(state=None, prototypes=_padded_prototypes(features, labels, sizes, num_classes),
@@ -283,15 +320,94 @@ class HyperFlowAdapter:
         encoded, names = encode_labels(labels, classes)
         return pixel_values, encoded.to(pixel_values.device), names
 
-    def _prefix_output(self, pixel_values: torch.Tensor):
-        """``(frozen prefix, its output for pixel_values)``, or ``(None, None)`` without a cacheable prefix."""
-        prefix = self.frozen_prefix()
-        if prefix is None:
-            return None, None
-        try:
-            return prefix, prefix.compute(pixel_values)
-        except Uncacheable:
-            return None, None
+    def _first_pass(self, pixel_values: torch.Tensor, labels: torch.Tensor, sizes: list[int], num_classes: list[int]):
+        """``(features, module statistics or None, frozen prefix, its output)`` of the first pass over T tasks'
+        support. The input moments behind module statistics are taken in one pass over every image."""
+        if not self.drift.statistics_size:
+            features, prefix, output = self.frozen_features(pixel_values, keep_prefix=True)
+            return features, None, prefix, output
+        prefix, output = self.frozen_prefix(), None
+        if prefix is not None:
+            try:
+                output = prefix.compute(pixel_values)
+            except Uncacheable:
+                prefix = None
+        with skip_prefix(prefix, output, pixel_values.shape[0]):
+            features, statistics = self.task_inputs(pixel_values, labels, sizes, num_classes)
+        return features, statistics, prefix, output
+
+    @torch.no_grad()
+    def frozen_features(self, pixel_values: torch.Tensor, keep_prefix: bool = False):
+        """The first pass over a support set: ``(features Tensor[N, D] of the frozen backbone at theta_0, frozen
+        prefix, its output)``, without autograd.
+
+        On a CPU (see :func:`hf_hyperflow.backbones.images_per_pass`) the backbone's later blocks take
+        ``images_per_late_pass`` images at a time and, within those, its early, high-resolution blocks
+        (:meth:`FrozenPrefix.early`) ``images_per_pass``: activations stay in cache and peak memory at a few
+        images' worth. With ``keep_prefix`` and a cacheable frozen prefix (``first_adapted_block``), the prefix's
+        output is kept on the way for the adapted pass; else the last two are None.
+        """
+        prefix = self.frozen_prefix() if keep_prefix else None
+        side, device = pixel_values.shape[-1], pixel_values.device
+        per_pass = self.images_per_pass or default_images_per_pass(side, device)
+        per_late_pass = self.images_per_late_pass or default_images_per_pass(side, device, late=True)
+        if per_pass is None or pixel_values.shape[0] <= per_pass:
+            return self._whole_pass(pixel_values, prefix)
+        early = self._early_blocks(pixel_values, prefix)
+        if early is None:  # block outputs of one size (a ViT): every block a few images at a time
+            return _joined([self._whole_pass(chunk, prefix) for chunk in pixel_values.split(per_pass)])
+        parts = []
+        for images in pixel_values.split(max(per_pass, per_late_pass or 0)):
+            try:
+                early_output = cat_leaves([early.compute(chunk) for chunk in images.split(per_pass)])
+            except Uncacheable:
+                parts.append(self._whole_pass(images, prefix))
+                continue
+            with early.replaced(early_output, images.shape[0]):
+                parts.append(self._whole_pass(images, prefix))
+        return _joined(parts)
+
+    def _adapted_features(self, pixel_values: torch.Tensor, state: TaskState, sizes: list[int],
+                          prefix: FrozenPrefix | None, prefix_output, in_groups: bool) -> torch.Tensor:
+        """``Tensor[N, D]``: the support through the backbone with every task's delta, the frozen prefix skipped
+        (its output reused). ``in_groups``: whole tasks at a time, at most ``images_per_late_pass`` images per
+        pass where that is set (at least one task), as the first pass's later blocks ran."""
+        per_pass = self.images_per_late_pass or default_images_per_pass(pixel_values.shape[-1], pixel_values.device,
+                                                                        late=True)
+        if not in_groups or per_pass is None:
+            with self.tuner.task_deltas(state, sizes), skip_prefix(prefix, prefix_output, pixel_values.shape[0]):
+                return embed(self.backbone, pixel_values)
+        features, first, start = [], 0, 0
+        while first < len(sizes):
+            last = first + 1
+            while last < len(sizes) and sum(sizes[first : last + 1]) <= per_pass:
+                last += 1
+            stop = start + sum(sizes[first:last])
+            kept = None if prefix_output is None else image_range(prefix_output, start, stop, pixel_values.shape[0])
+            with self.tuner.task_deltas(state.select(slice(first, last)), sizes[first:last]), \
+                    skip_prefix(prefix, kept, stop - start):
+                features.append(embed(self.backbone, pixel_values[start:stop]))
+            first, start = last, stop
+        return torch.cat(features)
+
+    def _whole_pass(self, pixel_values: torch.Tensor, prefix: FrozenPrefix | None):
+        """``(features, prefix, its output)`` of one forward pass; the last two None without a cacheable prefix."""
+        if prefix is not None:
+            try:
+                features, output = prefix.embed_and_keep(pixel_values)
+                return features, prefix, output
+            except Uncacheable:
+                pass
+        return embed(self.backbone, pixel_values), None, None
+
+    def _early_blocks(self, pixel_values: torch.Tensor, prefix: FrozenPrefix | None) -> FrozenPrefix | None:
+        """:meth:`FrozenPrefix.early` for this image shape (block sizes probed once per shape), ending no later
+        than ``prefix``."""
+        probed = self.__dict__.setdefault("_block_sizes", {})
+        shape = tuple(pixel_values.shape[1:])
+        if shape not in probed:
+            probed[shape] = block_output_sizes(self.backbone, pixel_values[:1])
+        return FrozenPrefix.early(self.backbone, probed[shape], prefix.blocks[-1][0] if prefix is not None else None)
 
     def _task(self, batch: TaskBatch, index: int, classes: list) -> AdaptedTask:
         """Task ``index`` of a batch as an AdaptedTask (an exportable HyperFlow state unless direct transfer)."""

@@ -21,6 +21,7 @@ __all__ = [
     "BackboneSpec",
     "backbone_spec",
     "embed",
+    "images_per_pass",
     "model_type_of",
     "probe_feature_size",
     "resolve_adapted_modules",
@@ -155,6 +156,24 @@ def embed(backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     model_type = model_type_of(backbone)
     pooling = BACKBONE_TABLE[model_type].pooling if model_type in BACKBONE_TABLE else "pooler"
     return _pool(backbone(pixel_values=pixel_values), pooling)
+
+
+# On a CPU, passes over a few images keep activations in cache and bound peak memory. The early,
+# high-resolution blocks take CPU_PASS_SIDES // side images at a time (8 at 64 px, 4 at 128 px); the later blocks,
+# whose outputs are at most 1/8 as large, CPU_LATE_PASS_PIXELS // (side * side) (100 at 64 px, 25 at 128 px).
+# See benchmarks/images_per_pass.md and benchmarks/adapt_speed.md.
+CPU_PASS_SIDES = 512
+CPU_LATE_PASS_PIXELS = 409_600
+
+
+def images_per_pass(image_size: int, device: torch.device, late: bool = False) -> int | None:
+    """How many images a forward pass over a support set takes at a time: in the early, high-resolution blocks
+    ``CPU_PASS_SIDES // image_size``, in the later blocks (``late``) ``CPU_LATE_PASS_PIXELS // image_size**2``, at
+    least 1 (and the later never fewer than the early) on a CPU; None (all at once) on an accelerator."""
+    if device.type != "cpu":
+        return None
+    early = max(1, CPU_PASS_SIDES // image_size)
+    return max(early, CPU_LATE_PASS_PIXELS // image_size**2) if late else early
 
 
 def probe_feature_size(backbone: nn.Module, image_size: int) -> int:

@@ -286,8 +286,9 @@ class DriftNet(nn.Module):
         trunk and the head on small tensors, and the state is formed once at the end (once per returned state).
         Arguments and return value as in :func:`hf_hyperflow.integrators.integrate`.
         """
-        state0 = self.initial_state(encoding) if state0 is None else state0
-        flow = _ReducedFlow(self, encoding, state0)
+        at_theta0 = state0 is None
+        state0 = self.initial_state(encoding) if at_theta0 else state0
+        flow = _ReducedFlow(self, encoding, state0, at_theta0)
         path = integrate(flow, flow.start(), steps, method=method, t0=t0, t1=t1, return_path=return_path)
         return [flow.state(p) for p in path] if return_path else flow.state(path)
 
@@ -416,6 +417,27 @@ class FlowCoordinates:
     __rmul__ = __mul__
 
 
+def _composed_maps(net: DriftNet) -> dict[str, torch.Tensor]:
+    """Every output map composed with the input map that reads its output back: ``kernel [M, R, P]`` and
+    ``offset [M, P]`` per module (``state_out^T @ state_in^T``, ``bias @ state_in^T``), ``head_kernel [H, H1]`` and
+    ``head_offset [H1]`` for the head. Without autograd they are kept until a parameter changes (adaptation reads
+    the drift network's weights once, not at every call)."""
+    versions = tuple((p.data_ptr(), p._version) for p in net.parameters())
+    kept = getattr(net, "_composed", None)
+    if not torch.is_grad_enabled() and kept is not None and kept[0] == versions:
+        return kept[1]
+    maps = {}
+    if net.modules_order:
+        maps["kernel"] = torch.stack([w.T @ p.T for w, p in zip(net.state_out_weight, net.state_in, strict=True)])
+        maps["offset"] = torch.stack([b @ p.T for b, p in zip(net.state_out_bias, net.state_in, strict=True)])
+    if "head" in net.groups:
+        first, last, d = net.head_net[0], net.head_net[-1], net.feature_size
+        shift_in = first.weight[:, d : 2 * d]  # [H1, D]: the first layer's columns that read the shifts
+        maps["head_kernel"], maps["head_offset"] = last.weight.T @ shift_in.T, last.bias @ shift_in.T
+    net._composed = (versions, maps) if not torch.is_grad_enabled() else None
+    return maps
+
+
 class _ReducedFlow:
     """The drift of encoded tasks as a function of :class:`FlowCoordinates` (what the integrators call), and the
     TaskState a point stands for.
@@ -425,23 +447,22 @@ class _ReducedFlow:
     coordinates through ``output map^T @ input map^T`` (``[R, P]`` per module, ``[H, H1]`` for the head).
     """
 
-    def __init__(self, net: DriftNet, encoding: TaskEncoding, state0: TaskState):
+    def __init__(self, net: DriftNet, encoding: TaskEncoding, state0: TaskState, at_theta0: bool):
         self.net, self.encoding, self.state0 = net, encoding, state0
         reference = encoding.embedding
         self.mask = encoding.class_mask[..., None].to(reference.dtype)  # [T, C, 1]
+        maps = _composed_maps(net)
         if net.modules_order:
-            self.projections0 = net.state_projections(state0)  # [T, M, P]
-            self.kernel = torch.stack([w.T @ p.T for w, p in zip(net.state_out_weight, net.state_in, strict=True)])
-            self.offset = torch.stack([b @ p.T for b, p in zip(net.state_out_bias, net.state_in, strict=True)])
+            self.kernel, self.offset = maps["kernel"], maps["offset"]  # [M, R, P], [M, P]
+            self.projections0 = (reference.new_zeros(encoding.num_tasks, *self.offset.shape) if at_theta0
+                                 else net.state_projections(state0))  # [T, M, P]: 0 at theta_0
         if "head" in net.groups:
-            first, last, d = net.head_net[0], net.head_net[-1], net.feature_size
+            first = net.head_net[0]
             no_time = reference.new_zeros(encoding.num_tasks, net.time_embedding_size)
             inputs = net._head_inputs(state0[HEAD_KEY], no_time, encoding)
             self.head_constant = F.linear(inputs, first.weight, first.bias)  # [T, C, H1]
             self.head_time = first.weight[:, -net.time_embedding_size:]  # [H1, E]
-            shift_in = first.weight[:, d : 2 * d]  # [H1, D]
-            self.head_kernel = last.weight.T @ shift_in.T  # [H, H1]
-            self.head_offset = last.bias @ shift_in.T  # [H1]
+            self.head_kernel, self.head_offset = maps["head_kernel"], maps["head_offset"]  # [H, H1], [H1]
             self.head_hidden = net.head_net[1:-1]
 
     def start(self) -> FlowCoordinates:

@@ -11,16 +11,18 @@ Methods:
   ``hyperflow:<integrator>:auto``) stops each task where its support set classifies itself best.
 
 Latency is wall-clock time from the support's pixel tensors to a ready classifier (image decoding and
-processing are the same for every method and excluded); query latency is the time of ``logits`` on the
-query set. Peak memory of adaptation: on CUDA the allocator's peak above the level before adaptation; on
-CPU the peak of the bytes PyTorch's CPU allocator holds above that level during adaptation (activations,
-autograd buffers, optimiser state, copies), accounted from ``torch.profiler``'s memory events
-(allocations of every op and frees), measured in a separate, profiled run of the first episodes.
+processing are the same for every method and excluded; on CUDA the clock is read after the queued kernels
+finish); mean and median over the episodes. Query latency is the time of ``logits`` on the query set. Peak
+memory of adaptation: on CUDA the allocator's peak above the level before adaptation; on CPU the peak of the
+bytes PyTorch's CPU allocator holds above that level during adaptation (activations, autograd buffers,
+optimiser state, copies), from ``torch.profiler``'s allocator events (every allocation and free, each at its
+own time), measured in a separate, profiled run of the first episodes.
 """
 
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,6 +93,14 @@ def parse_method(name: str) -> Method:
     raise ValueError(f"Unknown method {name!r}. Choose from {list(KNOWN_METHODS)}.")
 
 
+def _clock() -> float:
+    """``time.perf_counter()`` once the accelerator has finished the work queued so far (CUDA kernels run
+    asynchronously: without this a latency would end before its work does)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def measure_peak_memory(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by PyTorch while ``fn()`` runs, above the level when it starts (see the module
     docstring for how, on CUDA and on CPU)."""
@@ -105,10 +115,25 @@ def measure_peak_memory(fn: Callable[[], object]) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         fn()
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in profiler.events()
-                    if e.self_cpu_memory_usage)
-    running = itertools.accumulate(delta for _, delta in events)
+    # Every allocation and free with its own time (an operator's self memory would date the frees that happen
+    # between operators inside a record_function range at the start of that range).
+    changes = sorted(_cpu_allocations(profiler.profiler.kineto_results.experimental_event_tree()))
+    running = itertools.accumulate(size for _, size in changes)
     return int(max(0, max(running, default=0)))
+
+
+def _cpu_allocations(nodes) -> list[tuple[int, int]]:
+    """``(time ns, bytes; negative for a free)`` of the CPU allocator events in a profiler event tree."""
+    from torch._C._profiler import _EventType
+
+    found, stack = [], list(nodes)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        kind, fields = node.typed
+        if kind == _EventType.Allocation and fields.device.type == "cpu":
+            found.append((node.start_time_ns, fields.alloc_size))
+    return found
 
 
 @dataclass
@@ -215,12 +240,12 @@ class Evaluator:
                 if i >= per_method[method.name]:
                     continue
                 lr = lrs.get(method.name, {}).get("lr")
-                start = time.perf_counter()
+                start = _clock()
                 task = self._adapt(method, episode, lr, i)
-                adapt_seconds = time.perf_counter() - start
-                start = time.perf_counter()
+                adapt_seconds = _clock() - start
+                start = _clock()
                 logits = task.logits(episode.query)
-                query_seconds = time.perf_counter() - start
+                query_seconds = _clock() - start
                 accuracy = float((logits.argmax(-1).cpu() == episode.query_labels.cpu()).float().mean())
                 record = records[method.name]
                 record["accuracy"].append(accuracy)
@@ -239,6 +264,7 @@ class Evaluator:
                 "ci95": half,
                 "episodes": len(record["accuracy"]),
                 "adapt_latency_s": sum(record["adapt"]) / len(record["adapt"]),
+                "adapt_latency_median_s": statistics.median(record["adapt"]),
                 "query_latency_s": sum(record["query"]) / len(record["query"]),
                 "peak_memory_bytes": int(max(record["memory"])) if record["memory"] else None,
             }
@@ -257,13 +283,13 @@ class Evaluator:
         """Tasks per second of ``adapt_many`` (one pass over all tasks) against ``adapt`` one by one."""
         tasks = [(e.support, e.support_labels) for e in episodes]
         self.adapter.adapt_many(tasks[:1])  # warm-up
-        start = time.perf_counter()
+        start = _clock()
         for support, labels in tasks:
             self.adapter.adapt(support, labels)
-        one_by_one = time.perf_counter() - start
-        start = time.perf_counter()
+        one_by_one = _clock() - start
+        start = _clock()
         self.adapter.adapt_many(tasks)
-        batched = time.perf_counter() - start
+        batched = _clock() - start
         return {"tasks": len(tasks), "one_by_one_tasks_per_s": len(tasks) / one_by_one,
                 "batched_tasks_per_s": len(tasks) / batched, "speedup": one_by_one / batched}
 

@@ -22,7 +22,8 @@ from torch import nn
 from .backbones import BACKBONE_TABLE, embed, model_type_of
 from .tuner.layer import HyperFlowLayer
 
-__all__ = ["FrozenPrefix", "PrefixCache", "Uncacheable", "cat_leaves", "innermost_blocks", "select_images", "skip_prefix"]
+__all__ = ["FrozenPrefix", "PrefixCache", "Uncacheable", "block_output_sizes", "cat_leaves", "image_range",
+           "innermost_blocks", "select_images", "skip_prefix"]
 
 
 class Uncacheable(Exception):
@@ -95,7 +96,7 @@ class FrozenPrefix:
     """The blocks that come before the first HyperFlow layer, and their cached output.
 
     ``compute(pixel_values)`` runs the backbone up to the last frozen block without autograd and returns
-    that block's output; inside ``replaced(output)`` the frozen blocks do not run: the last one returns
+    that block's output (``embed_and_keep`` runs the whole backbone and returns its features too); inside ``replaced(output)`` the frozen blocks do not run: the last one returns
     ``output`` and the earlier ones return zero placeholders of their usual shape (expanded, no memory).
     """
 
@@ -121,29 +122,58 @@ class FrozenPrefix:
             return None
         return cls(backbone, [(b, modules[b]) for b in frozen])
 
+    @classmethod
+    def early(cls, backbone: nn.Module, sizes: dict[str, int], until: str | None = None) -> FrozenPrefix | None:
+        """The backbone's high-resolution start: its blocks up to the last one whose output per image is larger
+        than 1/8 of the largest (``sizes``: :func:`block_output_sizes`), and no further than block ``until``. A
+        forward pass's memory and cache traffic peak there, so those blocks are worth running a few images at a
+        time while the later, smaller ones take all images at once. None for a backbone whose block outputs keep
+        one size (a ViT) or without blocks."""
+        names = [n for n in innermost_blocks(backbone) if n in sizes]
+        large = [n for n in names if 8 * sizes[n] > max(sizes.values(), default=0)]
+        if not large or len(large) == len(names):
+            return None
+        last = names.index(large[-1]) if until is None else min(names.index(large[-1]), names.index(until))
+        modules = dict(backbone.named_modules())
+        return cls(backbone, [(n, modules[n]) for n in names[: last + 1]])
+
     @property
     def last(self) -> nn.Module:
         return self.blocks[-1][1]
 
     @torch.no_grad()
     def compute(self, pixel_values: torch.Tensor):
-        """The last frozen block's output for ``pixel_values`` (nested tuples of tensors, rows image-major)."""
+        """The last frozen block's output for ``pixel_values`` (nested tuples of tensors, rows image-major); the
+        forward pass stops there."""
+        return self._run(pixel_values, to_the_end=False)[1]
+
+    @torch.no_grad()
+    def embed_and_keep(self, pixel_values: torch.Tensor):
+        """One whole forward pass: ``(embed's features Tensor[N, D], the last frozen block's output)``, i.e. the
+        frozen backbone's features (direct transfer's) and what later passes over the same images reuse."""
+        return self._run(pixel_values, to_the_end=True)
+
+    def _run(self, pixel_values: torch.Tensor, to_the_end: bool):
+        """``(features or None, last frozen block's output)``, from a hook on the last frozen block (and, the first
+        time, hooks on the others that note their output shapes for the placeholders)."""
         num_images = pixel_values.shape[0]
         captured: dict[str, object] = {}
-        handles = []
 
-        def keep(name, stop):
+        def spec(tensor):
+            return _TensorSpec(_rows_per_image(tensor, num_images), tuple(tensor.shape[1:]), tensor.dtype, tensor.device)
+
+        def keep(name, last):
             def hook(module, args, output):
-                captured[name] = output
-                if stop:
+                captured[name] = output if last else _map_leaves(spec, output)
+                if last and not to_the_end:
                     raise _StopForward
             return hook
 
-        for i, (name, module) in enumerate(self.blocks):
-            if i == len(self.blocks) - 1 or self._specs is None:
-                handles.append(module.register_forward_hook(keep(name, i == len(self.blocks) - 1)))
+        handles = [module.register_forward_hook(keep(name, i == len(self.blocks) - 1))
+                   for i, (name, module) in enumerate(self.blocks) if i == len(self.blocks) - 1 or self._specs is None]
+        features = None
         try:
-            embed(self.backbone, pixel_values)
+            features = embed(self.backbone, pixel_values)
         except _StopForward:
             pass
         finally:
@@ -153,14 +183,10 @@ class FrozenPrefix:
         if last_name not in captured:
             raise Uncacheable("the last frozen block did not run")
         if self._specs is None:
-            self._specs = {
-                name: _map_leaves(lambda t: _TensorSpec(_rows_per_image(t, num_images), tuple(t.shape[1:]), t.dtype,
-                                                        t.device), captured[name])
-                for name, _ in self.blocks[:-1]
-            }
+            self._specs = {name: captured[name] for name, _ in self.blocks[:-1]}
         output = captured[last_name]
         _map_leaves(lambda t: _rows_per_image(t, num_images), output)
-        return _map_leaves(torch.Tensor.detach, output)
+        return features, _map_leaves(torch.Tensor.detach, output)
 
     @contextlib.contextmanager
     def replaced(self, output, num_images: int):
@@ -184,6 +210,38 @@ class FrozenPrefix:
             for module in patched:
                 if "forward" in module.__dict__:
                     del module.forward
+
+
+def image_range(structure, start: int, stop: int, num_images: int):
+    """Images ``start:stop`` (views) of every tensor in a block output of ``num_images`` images."""
+    def rows(tensor):
+        per = _rows_per_image(tensor, num_images)
+        return tensor[start * per : stop * per]
+    return _map_leaves(rows, structure)
+
+
+def block_output_sizes(backbone: nn.Module, image: torch.Tensor) -> dict[str, int]:
+    """``block name -> elements of its output`` for one image (``Tensor[1, 3, H, W]``), from one forward pass;
+    empty when a block's output is not made of tensors."""
+    modules, sizes = dict(backbone.named_modules()), {}
+
+    def size_of(name):
+        def hook(module, args, output):
+            leaves: list[torch.Tensor] = []
+            _map_leaves(leaves.append, output)
+            sizes.setdefault(name, sum(t.numel() for t in leaves))
+        return hook
+
+    handles = [modules[n].register_forward_hook(size_of(n)) for n in innermost_blocks(backbone)]
+    try:
+        with torch.no_grad():
+            embed(backbone, image)
+    except Uncacheable:
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes
 
 
 def cat_leaves(structures: list):

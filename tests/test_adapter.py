@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_hyperflow import AdaptedTask, HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.backbones import BACKBONE_TABLE, embed
+from hf_hyperflow.prefix import innermost_blocks
 
 WAYS, SHOTS = 3, 2
 
@@ -118,6 +119,71 @@ class TestEveryBackbone:
         assert saved == [], f"adapt recorded an autograd graph ({len(saved)} saved tensors)"
         assert not any(t.requires_grad for t in task.state.values())
         assert not task.prototypes.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# Passes over the support: a few images at a time, tasks in chunks.
+# ------------------------------------------------------------------------------------------------
+def batch_sizes_seen(module: torch.nn.Module):
+    """A list that receives the batch size of every forward pass of ``module`` (and the hook's handle)."""
+    seen: list[int] = []
+    handle = module.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+    return seen, handle
+
+
+@pytest.mark.parametrize("model_type", ["timm_wrapper", "vit"])
+@pytest.mark.parametrize("first_adapted_block", [-1, None], ids=["frozen prefix", "all blocks adapted"])
+def test_first_pass_runs_early_blocks_a_few_images_at_a_time(model_type, first_adapted_block):
+    adapter = make_adapter(model_type, first_adapted_block=first_adapted_block)
+    images, labels = support(ways=3, shots=3)  # 9 images
+    whole = adapter.adapt(images, labels)
+    adapter.images_per_pass = 4
+    adapter.adapt(images, labels)  # the first call at an image size probes the block sizes with one image
+    blocks = [dict(adapter.backbone.named_modules())[name] for name in innermost_blocks(adapter.backbone)]
+    first, last = (next(m for m in b.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+                   for b in (blocks[0], blocks[-1]))
+    (seen_first, first_hook), (seen_last, last_hook) = batch_sizes_seen(first), batch_sizes_seen(last)
+    parts = adapter.adapt(images, labels)
+    adapter.direct_transfer(images, labels)
+    first_hook.remove(), last_hook.remove()
+    # The first block in passes of 4 images (adapt's first pass, its adapted pass, direct transfer's pass); with a
+    # frozen prefix the adapted pass reuses the prefix's output instead. The last block takes all images at once in a hierarchical backbone
+    # (timm's EfficientNet); in a ViT (blocks of one size) every block runs 4 images at a time.
+    assert seen_first == [4, 4, 1] + ([] if first_adapted_block is not None else [9]) + [4, 4, 1]
+    assert seen_last == ([9, 9, 9] if model_type == "timm_wrapper" else [4, 4, 1, 9, 4, 4, 1])
+    torch.testing.assert_close(parts.prototypes, whole.prototypes, rtol=1e-5, atol=1e-6)
+    for key in whole.state:
+        torch.testing.assert_close(parts.state[key], whole.state[key], rtol=1e-5, atol=1e-6)
+
+
+def test_later_blocks_and_adapted_pass_in_bounded_passes():
+    """Later blocks take at most ``images_per_late_pass`` images; the adapted pass whole tasks up to that many."""
+    adapter = make_adapter("timm_wrapper", first_adapted_block=-1)
+    tasks = [support(1, ways=2, shots=2), support(2, ways=3, shots=1), support(3, ways=2, shots=1)]  # 4, 3, 2
+    x = queries()
+    whole = adapter.adapt_many(tasks)
+    adapter.images_per_pass, adapter.images_per_late_pass = 2, 5
+    adapter.adapt_many(tasks)  # probes the block sizes once
+    last_block = dict(adapter.backbone.named_modules())[innermost_blocks(adapter.backbone)[-1]]
+    inner = next(m for m in last_block.modules() if isinstance(m, torch.nn.Conv2d))
+    seen, handle = batch_sizes_seen(inner)
+    bounded = adapter.adapt_many(tasks)
+    handle.remove()
+    assert seen == [5, 4, 4, 5]  # first pass: images 0-4, 5-8; adapted pass: task 0, then tasks 1 and 2
+    for a, b in zip(bounded, whole, strict=True):
+        torch.testing.assert_close(a.logits(x), b.logits(x), rtol=1e-4, atol=1e-5)
+
+
+def test_adapt_many_in_chunks_equals_one_by_one():
+    adapter = make_adapter("timm_wrapper", first_adapted_block=-1)
+    tasks = [support(1), support(2, ways=2, shots=3), support(3, ways=4, shots=1), support(4), support(5)]
+    x = queries()
+    for tasks_per_batch in (2, 5):
+        together = adapter.adapt_many(tasks, tasks_per_batch=tasks_per_batch)
+        assert len(together) == len(tasks)
+        for (images, labels), batched in zip(tasks, together, strict=True):
+            torch.testing.assert_close(batched.logits(x), adapter.adapt(images, labels).logits(x), rtol=1e-4,
+                                       atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_per_task_scaling_of_coordinates_matches_task_states():
     got = net.integrate(encoding, 2, method="euler")  # uniform steps, then the per-task version by hand
     from hf_hyperflow.drift import _ReducedFlow
 
-    flow = _ReducedFlow(net, encoding, start)
+    flow = _ReducedFlow(net, encoding, start, at_theta0=True)
     point = flow.start()
     for _ in range(2):
         point = point + factor * flow(point, 0.3)
@@ -195,3 +195,16 @@ def test_statistics_change_the_drift_and_reduced_integration_still_matches():
                              net.module_statistics(moments_for(sizes, seed=5), labels, sizes, classes))
     changed = net.integrate(other, 4)
     assert any(not torch.allclose(changed[k], reduced[k]) for k in reduced if not k.startswith("head"))
+
+
+def test_kept_maps_follow_parameter_changes():
+    """Without autograd the composed maps are kept between calls, until a parameter changes in place."""
+    net = make_drift(GROUPS["lora+shift+head"])
+    with torch.no_grad():
+        encoding = encode(net)
+        first = net.integrate(encoding, 2)
+        assert_states_close(net.integrate(encoding, 2), first, torch.float64)
+        for parameter in (net.state_out_weight[0], net.state_in[1], net.head_net[-1].weight):
+            parameter.add_(0.05)  # an optimizer step, in place
+            full = integrate(lambda s, t: net(s, t, encoding), net.initial_state(encoding), 2)
+            assert_states_close(net.integrate(encoding, 2), full, torch.float64)

@@ -110,6 +110,13 @@ def test_peak_memory_counts_what_is_alive_together():
     assert 8e6 <= measure_peak_memory(two_alive) < 9e6
     assert 4e6 <= measure_peak_memory(one_at_a_time) < 5e6
 
+    def inside_a_profiler_range():  # frees between operators inside a range happen when they happen
+        with torch.profiler.record_function("region"):
+            one_at_a_time()
+            return two_alive()
+
+    assert 8e6 <= measure_peak_memory(inside_a_profiler_range) < 9e6
+
 
 def test_ratios_and_gain_fraction():
     summary = {"dt": {"accuracy": 50.0, "adapt_latency_s": 1.0, "peak_memory_bytes": 10},
