@@ -72,6 +72,23 @@ def model_type(request) -> str:
     return request.param
 
 
+def save_tiny_adapter(root):
+    """A tiny ViT saved to ``root/backbone`` and a HyperFlow adapter on it (3 steps, random non-zero drift) saved
+    to ``root/adapter``; returns the two folders."""
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
+
+    backbone, adapter_dir = Path(root) / "backbone", Path(root) / "adapter"
+    make_backbone("vit").save_pretrained(backbone)
+    adapter = HyperFlowAdapter(AutoModel.from_pretrained(backbone), HyperFlowConfig(steps=3))
+    randomize_drift(adapter)
+    adapter.save_pretrained(adapter_dir)
+    return backbone, adapter_dir
+
+
 def missing_requirement(message: str) -> None:
     """A test needs something this environment lacks (a console script, a browser): it fails under CI, whose
     .ci/run installs everything, and is skipped elsewhere with ``message`` saying what to install."""

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import digit_images, make_backbone, missing_requirement, randomize_drift, write_image_folder
+from conftest import digit_images, missing_requirement, save_tiny_adapter, write_image_folder
 from transformers import AutoModel
 
-from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
+from hf_hyperflow import HyperFlowAdapter
 from hf_hyperflow.cli import main
 
 CLASSES, SHOTS, QUERIES = 3, 3, 2
@@ -33,14 +33,11 @@ def command() -> str:
 def setup(tmp_path_factory):
     """A saved tiny backbone and adapter (random, non-zero drift), a support folder and query images of digits."""
     root = tmp_path_factory.mktemp("cli")
-    make_backbone("vit").save_pretrained(root / "backbone")
-    adapter = HyperFlowAdapter(AutoModel.from_pretrained(root / "backbone"), HyperFlowConfig(steps=3))
-    randomize_drift(adapter)
-    adapter.save_pretrained(root / "adapter")
+    backbone, adapter = save_tiny_adapter(root)
     images = digit_images(classes=CLASSES, per_class=SHOTS + QUERIES)
     support = write_image_folder(root / "support", {name: shots[:SHOTS] for name, shots in images.items()})
     queries = write_image_folder(root / "queries", {name: shots[SHOTS:] for name, shots in images.items()})
-    return {"root": root, "backbone": root / "backbone", "adapter": root / "adapter", "support": support,
+    return {"root": root, "backbone": backbone, "adapter": adapter, "support": support,
             "queries": queries, "images": images}
 
 

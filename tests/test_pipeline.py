@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import digit_images, make_backbone, randomize_drift, write_image_folder
+from conftest import digit_images, make_backbone, randomize_drift, save_tiny_adapter, write_image_folder
 from transformers import AutoModel, pipeline
 
 from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
@@ -18,14 +18,11 @@ CLASSES, SHOTS = 3, 2
 def saved(tmp_path_factory):
     """A saved tiny backbone, a saved adapter with a random (non-zero) drift, a support folder, query images."""
     root = tmp_path_factory.mktemp("pipeline")
-    make_backbone("vit").save_pretrained(root / "backbone")
-    adapter = HyperFlowAdapter(AutoModel.from_pretrained(root / "backbone"), HyperFlowConfig(steps=3))
-    randomize_drift(adapter)
-    adapter.save_pretrained(root / "adapter")
+    backbone, adapter = save_tiny_adapter(root)
     images = digit_images(classes=CLASSES, per_class=SHOTS + 2)
     support = {name: shots[:SHOTS] for name, shots in images.items()}
     queries = [image for shots in images.values() for image in shots[SHOTS:]]
-    return {"backbone": root / "backbone", "adapter": root / "adapter", "queries": queries, "support": support,
+    return {"backbone": backbone, "adapter": adapter, "queries": queries, "support": support,
             "folder": write_image_folder(root / "support", support)}
 
 
