@@ -401,13 +401,15 @@ class HyperFlowAdapter:
         return embed(self.backbone, pixel_values), None, None
 
     def _early_blocks(self, pixel_values: torch.Tensor, prefix: FrozenPrefix | None) -> FrozenPrefix | None:
-        """:meth:`FrozenPrefix.early` for this image shape (block sizes probed once per shape), ending no later
-        than ``prefix``."""
-        probed = self.__dict__.setdefault("_block_sizes", {})
-        shape = tuple(pixel_values.shape[1:])
-        if shape not in probed:
-            probed[shape] = block_output_sizes(self.backbone, pixel_values[:1])
-        return FrozenPrefix.early(self.backbone, probed[shape], prefix.blocks[-1][0] if prefix is not None else None)
+        """:meth:`FrozenPrefix.early` for this image shape (block sizes probed once), ending no later than
+        ``prefix``; kept per shape."""
+        shape, until = tuple(pixel_values.shape[1:]), prefix.blocks[-1][0] if prefix is not None else None
+        sizes, found = self.__dict__.setdefault("_block_sizes", {}), self.__dict__.setdefault("_early", {})
+        if shape not in sizes:
+            sizes[shape] = block_output_sizes(self.backbone, pixel_values[:1])
+        if (shape, until) not in found:
+            found[shape, until] = FrozenPrefix.early(self.backbone, sizes[shape], until)
+        return found[shape, until]
 
     def _task(self, batch: TaskBatch, index: int, classes: list) -> AdaptedTask:
         """Task ``index`` of a batch as an AdaptedTask (an exportable HyperFlow state unless direct transfer)."""

@@ -159,21 +159,21 @@ def embed(backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 # On a CPU, passes over a few images keep activations in cache and bound peak memory. The early,
-# high-resolution blocks take CPU_PASS_SIDES // side images at a time (8 at 64 px, 4 at 128 px); the later blocks,
-# whose outputs are at most 1/8 as large, CPU_LATE_PASS_PIXELS // (side * side) (100 at 64 px, 25 at 128 px).
-# See benchmarks/images_per_pass.md and benchmarks/adapt_speed.md.
+# high-resolution blocks take CPU_PASS_SIDES // side images at a time (8 at 64 px, 4 at 128 px); the later
+# blocks CPU_LATE_PASS_IMAGES (fewer than 16 images would send their 1x1 convolutions to PyTorch's slower
+# single-thread kernel). benchmarks/images_per_pass.md measured these among 2-25 and 25-100 images per pass.
 CPU_PASS_SIDES = 512
-CPU_LATE_PASS_PIXELS = 409_600
+CPU_LATE_PASS_IMAGES = 25
 
 
 def images_per_pass(image_size: int, device: torch.device, late: bool = False) -> int | None:
     """How many images a forward pass over a support set takes at a time: in the early, high-resolution blocks
-    ``CPU_PASS_SIDES // image_size``, in the later blocks (``late``) ``CPU_LATE_PASS_PIXELS // image_size**2``, at
-    least 1 (and the later never fewer than the early) on a CPU; None (all at once) on an accelerator."""
+    ``CPU_PASS_SIDES // image_size``, in the later blocks (``late``) ``CPU_LATE_PASS_IMAGES`` (never fewer than the
+    early ones), at least 1, on a CPU; None (all at once) on an accelerator."""
     if device.type != "cpu":
         return None
     early = max(1, CPU_PASS_SIDES // image_size)
-    return max(early, CPU_LATE_PASS_PIXELS // image_size**2) if late else early
+    return max(early, CPU_LATE_PASS_IMAGES) if late else early
 
 
 def probe_feature_size(backbone: nn.Module, image_size: int) -> int:

@@ -92,18 +92,49 @@ def innermost_blocks(backbone: nn.Module) -> list[str]:
     return [n for n in names if not any(other.startswith(n + ".") for other in names)]
 
 
+class _StemWatch:
+    """Which modules finish before the first frozen block starts (and never run after it), outermost only."""
+
+    def __init__(self, backbone: nn.Module, spec):
+        self.spec, self.started = spec, False
+        self.before: dict[str, object] = {}
+        self.after: set[str] = set()
+
+    def block_starts(self, module, args) -> None:
+        self.started = True
+
+    def note(self, name: str):
+        def hook(module, args, output):
+            if self.started:
+                self.after.add(name)
+                return
+            try:
+                self.before.setdefault(name, _map_leaves(self.spec, output))
+            except Uncacheable:  # an output this cache cannot describe: that module keeps running
+                pass
+        return hook
+
+    def modules(self) -> dict[str, object]:
+        """``name -> output spec`` of the outermost stem modules."""
+        kept = {n: s for n, s in self.before.items() if n not in self.after}
+        return {n: s for n, s in kept.items() if not any(n.startswith(other + ".") for other in kept)}
+
+
 class FrozenPrefix:
     """The blocks that come before the first HyperFlow layer, and their cached output.
 
     ``compute(pixel_values)`` runs the backbone up to the last frozen block without autograd and returns
-    that block's output (``embed_and_keep`` runs the whole backbone and returns its features too); inside ``replaced(output)`` the frozen blocks do not run: the last one returns
-    ``output`` and the earlier ones return zero placeholders of their usual shape (expanded, no memory).
+    that block's output (``embed_and_keep`` runs the whole backbone and returns its features too); inside
+    ``replaced(output)`` the frozen blocks do not run: the last one returns ``output`` and the earlier ones,
+    like the stem (the modules that run before the first block and never after it: patch embedding, stem
+    convolution), return zero placeholders of their usual shape (expanded, no memory).
     """
 
     def __init__(self, backbone: nn.Module, blocks: list[tuple[str, nn.Module]]):
         self.backbone = backbone
         self.blocks = blocks
         self._specs: dict[str, object] | None = None
+        self._stem: dict[str, object] | None = None  # learnt from the first forward pass
 
     @classmethod
     def find(cls, backbone: nn.Module) -> FrozenPrefix | None:
@@ -171,6 +202,7 @@ class FrozenPrefix:
 
         handles = [module.register_forward_hook(keep(name, i == len(self.blocks) - 1))
                    for i, (name, module) in enumerate(self.blocks) if i == len(self.blocks) - 1 or self._specs is None]
+        stem = self._watch_stem(spec, handles) if self._stem is None else None
         features = None
         try:
             features = embed(self.backbone, pixel_values)
@@ -184,9 +216,20 @@ class FrozenPrefix:
             raise Uncacheable("the last frozen block did not run")
         if self._specs is None:
             self._specs = {name: captured[name] for name, _ in self.blocks[:-1]}
+        if stem is not None:
+            self._stem = stem.modules()
         output = captured[last_name]
         _map_leaves(lambda t: _rows_per_image(t, num_images), output)
         return features, _map_leaves(torch.Tensor.detach, output)
+
+    def _watch_stem(self, spec, handles: list) -> _StemWatch:
+        """Hooks (added to ``handles``) that note which modules run before the first frozen block, and their
+        output shapes (``spec`` of an output tensor)."""
+        watch = _StemWatch(self.backbone, spec)
+        handles.append(self.blocks[0][1].register_forward_pre_hook(watch.block_starts))
+        handles += [module.register_forward_hook(watch.note(name)) for name, module in self.backbone.named_modules()
+                    if name and not any(name == b or name.startswith(b + ".") for b, _ in self.blocks)]
+        return watch
 
     @contextlib.contextmanager
     def replaced(self, output, num_images: int):
@@ -194,14 +237,16 @@ class FrozenPrefix:
         def constant(value):
             return lambda *args, **kwargs: value
 
+        def placeholder(spec):
+            return _map_leaves(lambda s: torch.zeros((), dtype=s.dtype, device=s.device).expand(
+                s.rows_per_image * num_images, *s.shape), spec, _TensorSpec)
+
+        modules = dict(self.backbone.named_modules())
         patched = []
         try:
-            for name, module in self.blocks[:-1]:
-                placeholder = _map_leaves(
-                    lambda s: torch.zeros((), dtype=s.dtype, device=s.device).expand(s.rows_per_image * num_images,
-                                                                                    *s.shape),
-                    self._specs[name], _TensorSpec)
-                module.forward = constant(placeholder)
+            for module, spec in [(modules[n], spec) for n, spec in (self._stem or {}).items()] + \
+                    [(module, self._specs[name]) for name, module in self.blocks[:-1]]:
+                module.forward = constant(placeholder(spec))
                 patched.append(module)
             self.last.forward = constant(output)
             patched.append(self.last)

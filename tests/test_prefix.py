@@ -11,7 +11,7 @@ from hf_hyperflow.backbones import embed
 from hf_hyperflow.prefix import FrozenPrefix, block_output_sizes
 
 
-@pytest.mark.parametrize("model_type", ["timm_wrapper", "vit", "resnet"])
+@pytest.mark.parametrize("model_type", ["timm_wrapper", "vit", "resnet", "clip_vision_model", "swin"])
 def test_embed_and_keep_is_embed_plus_the_prefix_output(model_type):
     adapter = HyperFlowAdapter(make_backbone(model_type), HyperFlowConfig(first_adapted_block=-1))
     prefix = adapter.frozen_prefix()
@@ -20,8 +20,17 @@ def test_embed_and_keep_is_embed_plus_the_prefix_output(model_type):
     with torch.no_grad():
         torch.testing.assert_close(features, embed(adapter.backbone, pixels), rtol=0, atol=0)
     torch.testing.assert_close(output, prefix.compute(pixels), rtol=0, atol=0)
-    with torch.no_grad(), prefix.replaced(output, pixels.shape[0]):  # the kept output stands in for the blocks
+    # Inside replaced() the kept output stands in for the frozen blocks, and the stem (patch embedding, stem
+    # convolution) does not run either.
+    first_block = prefix.blocks[0][0]
+    stem = next(m for n, m in adapter.backbone.named_modules()
+                if isinstance(m, torch.nn.Conv2d) and not n.startswith(first_block.rsplit(".", 1)[0]))
+    computed = []  # outputs the stem's convolution really computed (a placeholder is a zero with stride 0)
+    handle = stem.register_forward_hook(lambda module, args, out: computed.append(min(out.stride()) > 0))
+    with torch.no_grad(), prefix.replaced(output, pixels.shape[0]):
         torch.testing.assert_close(embed(adapter.backbone, pixels), features, rtol=1e-6, atol=1e-6)
+    handle.remove()
+    assert not any(computed)
 
 
 def test_early_blocks_are_the_high_resolution_start():
