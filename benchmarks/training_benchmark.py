@@ -27,7 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "recipes" / "configs" / "efficientnet_lite0.yaml"
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(ROOT))
+
+from recipes.quickstart import TRAINING_CONFIG as CONFIG  # noqa: E402
+from recipes.quickstart import glyphs_dataset  # noqa: E402
 
 
 def launch(processes: int, output: Path, overrides: list[str], port: int, log: Path) -> tuple[dict, float]:
@@ -37,7 +41,7 @@ def launch(processes: int, output: Path, overrides: list[str], port: int, log: P
     else:
         head = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(port)]
     command = [sys.executable, "-m", "accelerate.commands.launch", *head, "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "train.py"), "--config", str(CONFIG), "--cpu",
+               "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "train.py"), "--config", str(CONFIG), "--cpu", "true",
                "--output_dir", str(output), *overrides]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     results.setdefault("machine", {"platform": platform.platform(), "python": platform.python_version(),
                                    "cores": os.cpu_count()})
     store = args.workdir / "trajectories"
-    common = ["--backbone.path", args.backbone, "--datasets.0.source", args.data, "--training.log_every", "4",
+    common = ["--backbone.path", args.backbone, *glyphs_dataset(Path(args.data)), "--training.log_every", "4",
               "--training.threads", str(args.threads),
               "--flow.generate.output", str(store), "--flow.generate.episodes", str(args.trajectories)]
     if not Path(args.backbone).exists():

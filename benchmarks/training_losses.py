@@ -36,13 +36,12 @@ MODES = {"mixed": {"losses.flow": 1.0, "losses.unrolled": 1.0},
 
 def train_mode(mode: str, run: Path, workdir: Path, data: Path, max_steps: int, threads: int) -> tuple[Path, dict]:
     """Meta-train one mode in a subprocess; returns (its best adapter folder, its metrics.json)."""
-    from recipes.quickstart import TRAINING_CONFIG
+    from recipes.quickstart import TRAINING_CONFIG, glyphs_dataset
 
     output_dir = workdir / mode
     overrides = {
         "output_dir": str(output_dir),
         "backbone.path": str(run / "efficientnet-lite0"),
-        "datasets.0.source": str(data / "glyphs_default"),
         "flow.generate": "null",
         "flow.trajectories": json.dumps([str(run / "training" / "trajectories" / "glyphs_default")]),
         "training.max_steps": max_steps,
@@ -52,7 +51,8 @@ def train_mode(mode: str, run: Path, workdir: Path, data: Path, max_steps: int, 
         "validation.every": max(1, max_steps // 4),
         **MODES[mode],
     }
-    command = [sys.executable, str(REPO / "recipes" / "train.py"), "--config", str(TRAINING_CONFIG), "--cpu"]
+    command = [sys.executable, str(REPO / "recipes" / "train.py"), "--config", str(TRAINING_CONFIG), "--cpu", "true",
+               *glyphs_dataset(data / "glyphs_default")]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
     metrics_file = output_dir / "metrics.json"
@@ -60,7 +60,7 @@ def train_mode(mode: str, run: Path, workdir: Path, data: Path, max_steps: int, 
     if metrics.get("step") == max_steps and (output_dir / "final").is_dir():
         print(f"[training_losses] {mode}: {output_dir} already holds a finished {max_steps}-step run", flush=True)
         return output_dir / "final", metrics
-    resume = ["--resume"] if (output_dir / "checkpoints").exists() else []
+    resume = ["--resume", "true"] if (output_dir / "checkpoints").exists() else []
     print(f"[training_losses] {mode}: {shlex.join(command + resume)}", flush=True)
     subprocess.run(command + resume, check=True, cwd=REPO)
     return output_dir / "final", json.loads(metrics_file.read_text())

@@ -1,134 +1,151 @@
 """Episodic evaluation of direct transfer, gradient fine-tuning and HyperFlow on the same seeded episodes.
 
-    python recipes/evaluate.py --backbone PATH_OR_ID --adapter PATH_OR_ID --dataset PATH_OR_ID [--dataset ...]
-        --episodes 600 --protocol md|fixed --ways N --shots K --queries Q --methods dt,ft-shift,hyperflow
-        [--episodes-per-method ft-full=100] [--steps-sweep 1,2,4,8] --output DIR
+    python recipes/evaluate.py --backbone PATH_OR_ID --adapter PATH_OR_ID --datasets "[PATH_OR_ID, NAME=PATH]"
+        --episodes 600 --protocol md|fixed --ways N --shots K --queries Q --methods "[dt, ft-shift, hyperflow]"
+        [--episodes_per_method "{ft-full: 100}"] [--steps_sweep "[1, 2, 4, 8]"] --output DIR
+    python recipes/evaluate.py --config_path evaluation.yaml [--key value ...]
 
 A dataset is a Hub id, a ``load_from_disk`` folder, a parquet file or an image folder, optionally named
 ``name=path``; its test classes are used (``--split``), its validation classes choose the fine-tuning lr.
-Writes results.json, results.md and PNG plots to ``--output``.
+Writes results.json, results.md and PNG plots to ``--output``. ``--help`` lists every option.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-import torch
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from hf_hyperflow.checks import check_int  # noqa: E402
+from hf_hyperflow.episodes import PROTOCOLS  # noqa: E402
+from hf_hyperflow.evaluation import parse_method  # noqa: E402
+from hf_hyperflow.parsing import option, parse  # noqa: E402
 
 
-def parse_pairs(values: list[str], what: str) -> dict[str, int]:
-    pairs = {}
-    for value in values:
-        name, _, count = value.partition("=")
-        if not count.isdigit() or int(count) < 1:
-            raise SystemExit(f"error: {what} takes METHOD=COUNT with a positive count, got {value!r}")
-        pairs[name] = int(count)
-    return pairs
+@dataclass
+class EvaluateConfig:
+    """What to evaluate, on which episodes, and where the results go."""
+
+    backbone: str = option("AutoModel folder or Hub id.", "")
+    adapter: str | None = option("HyperFlow adapter folder or Hub id (needed for the hyperflow methods).")
+    revision: str | None = option("Revision of a Hub adapter.")
+    datasets: list[str] = option("Datasets, each [NAME=]PATH_OR_ID.", list)
+    split: str = option("Class split evaluated: train, validation, test or all.", "test")
+    class_split: str | None = option("A ClassSplit JSON (default: made by seed 0).")
+    episodes: int = option("Episodes per dataset.", 600)
+    episodes_per_method: dict[str, int] = option("Fewer episodes for some methods, e.g. {ft-full: 100}.", dict)
+    protocol: str = option("'fixed' or 'md'.", "fixed")
+    ways: int = option("Classes per episode (fixed protocol).", 5)
+    shots: int = option("Support images per class (fixed protocol).", 5)
+    queries: int = option("Query images per class (fixed protocol).", 15)
+    methods: list[str] = option("Methods: dt, ft-full, ft-lora, ft-shift, ft-head, hyperflow, "
+                                "hyperflow:<integrator>:<steps>.", lambda: ["dt", "ft-shift", "hyperflow"])
+    image_size: int | None = option("Resize side (default: the adapter's).")
+    ft_steps: int = option("Fine-tuning steps.", 50)
+    lr_grid: list[float] = option("Fine-tuning learning rates tried on validation episodes.",
+                                  lambda: [0.0, 1e-4, 1e-3, 1e-2])
+    lr_episodes: int = option("Validation episodes that choose the fine-tuning lr.", 5)
+    lr: float | None = option("A fixed fine-tuning lr (skips the selection).")
+    memory_episodes: int = option("Episodes per method whose peak memory is measured.", 2)
+    batch_tasks: int = option("Tasks adapted together for the throughput row.", 8)
+    steps_sweep: list[int] = option("Accuracy against integration steps at these counts, e.g. [1, 2, 4, 8].", list)
+    sweep_integrators: list[str] = option("Integrators of the steps sweep.", lambda: ["euler", "rk4"])
+    sweep_episodes: int = option("Episodes of the steps sweep.", 50)
+    seed: int = option("Seed of the episodes.", 0)
+    output: str = option("Folder of results.json, results.md and the plots.", "")
+    progress: bool = option("Show progress bars.", True)
+
+    def __post_init__(self):
+        if not self.backbone:
+            raise ValueError("--backbone is missing: give the AutoModel folder or Hub id of the backbone.")
+        if not self.datasets:
+            raise ValueError("--datasets is missing: give at least one dataset, e.g. --datasets \"[data/digits]\".")
+        if not self.output:
+            raise ValueError("--output is missing: give the folder the results are written to.")
+        parsed = [parse_method(m) for m in self.methods]
+        unknown = sorted(set(self.episodes_per_method) - set(self.methods))
+        if unknown:
+            raise ValueError(f"--episodes_per_method names {unknown}, which are not in --methods {self.methods}.")
+        for method, count in self.episodes_per_method.items():
+            check_int(count, f"--episodes_per_method {method}", 1)
+        if any(m.kind == "hyperflow" for m in parsed) and self.adapter is None:
+            raise ValueError("the hyperflow methods need --adapter (a trained HyperFlow adapter folder or Hub id).")
+        check_int(self.episodes, "--episodes", 1)
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", required=True, help="AutoModel folder or Hub id")
-    parser.add_argument("--adapter", default=None,
-                        help="HyperFlow adapter folder or Hub id (needed for the hyperflow methods)")
-    parser.add_argument("--revision", default=None, help="revision of a Hub adapter")
-    parser.add_argument("--dataset", action="append", required=True, help="[NAME=]PATH_OR_ID, repeatable")
-    parser.add_argument("--split", default="test", help="class split evaluated (train / validation / test / all)")
-    parser.add_argument("--class-split", default=None, type=Path, help="JSON class split (default: made by seed 0)")
-    parser.add_argument("--episodes", type=int, default=600)
-    parser.add_argument("--episodes-per-method", nargs="*", default=[], metavar="METHOD=COUNT")
-    parser.add_argument("--protocol", choices=["fixed", "md"], default="fixed")
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=5)
-    parser.add_argument("--queries", type=int, default=15)
-    parser.add_argument("--methods", default="dt,ft-shift,hyperflow")
-    parser.add_argument("--image-size", type=int, default=None, help="resize side (default: the adapter's)")
-    parser.add_argument("--ft-steps", type=int, default=50)
-    parser.add_argument("--lr-grid", default="0,1e-4,1e-3,1e-2")
-    parser.add_argument("--lr-episodes", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=None, help="fixed fine-tuning lr (skips the selection)")
-    parser.add_argument("--memory-episodes", type=int, default=2)
-    parser.add_argument("--batch-tasks", type=int, default=8, help="tasks adapted together for the throughput row")
-    parser.add_argument("--steps-sweep", default="", help="e.g. 1,2,4,8,16: accuracy vs integration steps")
-    parser.add_argument("--sweep-integrators", default="euler,rk4")
-    parser.add_argument("--sweep-episodes", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def load_adapter(config: EvaluateConfig):
+    """The HyperFlowAdapter on the backbone: the saved one, or an untrained one (dt / fine-tuning only)."""
     from transformers import AutoModel
 
     from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
+    from hf_hyperflow.inputs import default_image_processor
+
+    backbone = AutoModel.from_pretrained(config.backbone).eval()
+    if config.adapter:
+        adapter = HyperFlowAdapter.from_pretrained(backbone, config.adapter, revision=config.revision)
+    else:
+        adapter = HyperFlowAdapter(backbone, HyperFlowConfig(image_size=config.image_size))
+    if config.image_size and config.image_size != adapter.config.image_size:
+        adapter.image_processor = default_image_processor(adapter.backbone, config.image_size)
+    return adapter
+
+
+def domains(config: EvaluateConfig) -> dict[str, tuple]:
+    """``name -> (dataset, EpisodeSampler keywords)`` of every dataset."""
     from hf_hyperflow.episodes import ClassSplit, load_image_dataset
-    from hf_hyperflow.evaluation import Evaluator, machine_description, parse_method, run_evaluation
+
+    class_split = ClassSplit.load(config.class_split) if config.class_split else None
+    sampler_kwargs = {"protocol": config.protocol, "split": None if config.split == "all" else config.split,
+                      "class_split": class_split}
+    if config.protocol == "fixed":
+        sampler_kwargs.update(ways=config.ways, shots=config.shots, queries=config.queries)
+    out = {}
+    for spec in config.datasets:
+        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+        out[name or Path(path).name or path] = (load_image_dataset(path), sampler_kwargs)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        config = parse(EvaluateConfig, argv)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"error: {error}") from None
+    from hf_hyperflow.evaluation import Evaluator, machine_description, run_evaluation
     from hf_hyperflow.results import write_outputs
 
-    try:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        parsed = [parse_method(m) for m in methods]
-        per_method = parse_pairs(args.episodes_per_method, "--episodes-per-method")
-        unknown = sorted(set(per_method) - set(methods))
-        if unknown:
-            raise ValueError(f"--episodes-per-method names {unknown}, which are not in --methods {methods}.")
-        if any(m.kind == "hyperflow" for m in parsed) and args.adapter is None:
-            raise ValueError("the hyperflow methods need --adapter (a trained HyperFlow adapter folder or Hub id).")
-        if args.episodes < 1:
-            raise ValueError(f"--episodes must be >= 1, got {args.episodes}.")
-        lr_grid = [float(x) for x in args.lr_grid.split(",") if x]
-        sweep_steps = [int(x) for x in args.steps_sweep.split(",") if x]
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-
-    torch.manual_seed(args.seed)
-    backbone = AutoModel.from_pretrained(args.backbone).eval()
-    if args.adapter:
-        adapter = HyperFlowAdapter.from_pretrained(backbone, args.adapter, revision=args.revision)
-    else:
-        adapter = HyperFlowAdapter(backbone, HyperFlowConfig(image_size=args.image_size))
-    if args.image_size and args.image_size != adapter.config.image_size:
-        from hf_hyperflow.inputs import default_image_processor
-
-        adapter.image_processor = default_image_processor(adapter.backbone, args.image_size)
-    class_split = ClassSplit.load(args.class_split) if args.class_split else None
-    split = None if args.split == "all" else args.split
-    sampler_kwargs = {"protocol": args.protocol, "split": split, "class_split": class_split}
-    if args.protocol == "fixed":
-        sampler_kwargs.update(ways=args.ways, shots=args.shots, queries=args.queries)
-    datasets = {}
-    for spec in args.dataset:
-        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
-        datasets[name or Path(path).name or path] = load_image_dataset(path)
-
-    evaluator = Evaluator(adapter, methods, ft_steps=args.ft_steps, lr_grid=lr_grid, lr_episodes=args.lr_episodes,
-                          fixed_lr=args.lr, memory_episodes=args.memory_episodes, seed=args.seed,
-                          progress=not args.no_progress)
+    torch.manual_seed(config.seed)
+    adapter = load_adapter(config)
+    evaluator = Evaluator(adapter, config.methods, ft_steps=config.ft_steps, lr_grid=config.lr_grid,
+                          lr_episodes=config.lr_episodes, fixed_lr=config.lr, memory_episodes=config.memory_episodes,
+                          seed=config.seed, progress=config.progress)
+    fixed = config.protocol == "fixed"
     meta = {
-        "backbone": str(args.backbone), "adapter": str(args.adapter), "protocol": args.protocol,
-        "ways": args.ways if args.protocol == "fixed" else None,
-        "shots": args.shots if args.protocol == "fixed" else None,
-        "queries": args.queries if args.protocol == "fixed" else None,
-        "image_size": int(adapter.config.image_size if not args.image_size else args.image_size),
-        "machine": machine_description(),
+        "backbone": config.backbone, "adapter": str(config.adapter), "protocol": config.protocol,
+        "ways": config.ways if fixed else None, "shots": config.shots if fixed else None,
+        "queries": config.queries if fixed else None,
+        "image_size": int(config.image_size or adapter.config.image_size), "machine": machine_description(),
         "date": date.today().isoformat(),
-        "command": "python recipes/evaluate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "split": args.split, "seed": args.seed, "ft_steps": args.ft_steps,
+        "command": "python recipes/evaluate.py " + " ".join(shlex.quote(a) for a in argv),
+        "split": config.split, "seed": config.seed, "ft_steps": config.ft_steps,
     }
-    domains = {name: (dataset, sampler_kwargs) for name, dataset in datasets.items()}
-    results, sweeps = run_evaluation(evaluator, domains, episodes=args.episodes, meta=meta,
-                                     episodes_per_method=per_method, batch_tasks=args.batch_tasks,
-                                     sweep_steps=sweep_steps if args.adapter else (),
-                                     sweep_integrators=args.sweep_integrators.split(","),
-                                     sweep_episodes=args.sweep_episodes)
-    paths = write_outputs(results, args.output, sweeps)
+    results, sweeps = run_evaluation(evaluator, domains(config), episodes=config.episodes, meta=meta,
+                                     episodes_per_method=config.episodes_per_method, batch_tasks=config.batch_tasks,
+                                     sweep_steps=config.steps_sweep if config.adapter else (),
+                                     sweep_integrators=config.sweep_integrators,
+                                     sweep_episodes=config.sweep_episodes)
+    paths = write_outputs(results, config.output, sweeps)
     print(paths["markdown"].read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return results

@@ -1,11 +1,11 @@
 """Push a saved HyperFlow adapter (or an adapted task) folder to the Hugging Face Hub with its model card.
 
-    python recipes/push.py OUTPUT_DIR REPO_ID [--private] [--revision BRANCH] [--commit-message MSG]
-                           [--results results.json] [--eval-method METHOD] [--plot IMAGE]
-                           [--training-config FILE] [--dataset NAME ...] [--base-model ID] [--tag TAG ...]
-                           [--source-adapter ID] [--card-only]
+    python recipes/push.py --folder OUTPUT_DIR --repo_id REPO_ID [--private true] [--revision BRANCH]
+        [--commit_message MSG] [--results results.json] [--eval_method METHOD] [--plot IMAGE]
+        [--training_config FILE] [--datasets "[NAME, ...]"] [--base_model ID] [--tags "[TAG, ...]"]
+        [--source_adapter ID] [--card_only true]
 
-The folder is what ``HyperFlowAdapter.save_pretrained`` (``adapter_config.json`` with peft_type HYPERFLOW)
+``--help`` lists every option. The folder is what ``HyperFlowAdapter.save_pretrained`` (``adapter_config.json`` with peft_type HYPERFLOW)
 or ``AdaptedTask.save_pretrained`` (``hyperflow_task.json`` + a LoRA ``adapter_config.json``) wrote. The
 card is rendered into ``OUTPUT_DIR/README.md`` from the folder's config, then the folder is pushed as one
 commit; the commit id is printed (pass it as ``revision=`` to load exactly this version). With
@@ -15,19 +15,23 @@ into the folder unless ``--plot`` gives one. Needs a token: ``hf auth login`` or
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_hyperflow.cards import AdapterCardData, TaskCardData, render_adapter_card, render_task_card
-from hf_hyperflow.hub import push_folder_to_hub
-from hf_hyperflow.io import read_json_checked
-from hf_hyperflow.results import load_results, save_results_plot
+import yaml  # noqa: E402
+
+from hf_hyperflow.cards import AdapterCardData, TaskCardData, render_adapter_card, render_task_card  # noqa: E402
+from hf_hyperflow.hub import push_folder_to_hub  # noqa: E402
+from hf_hyperflow.io import read_json_checked  # noqa: E402
+from hf_hyperflow.parsing import option, parse  # noqa: E402
+from hf_hyperflow.results import load_results, save_results_plot  # noqa: E402
 
 CONFIG_FILES = ("adapter_config.json", "config.json")
 TASK_FILE = "hyperflow_task.json"
@@ -86,11 +90,11 @@ def _base_model(config: dict, override: str | None, folder: Path) -> str:
     base_model = override or _first(config, "base_model_name_or_path", "backbone_name_or_path", "backbone")
     if not base_model:
         raise ValueError(f"The config in {folder} does not name the backbone (base_model_name_or_path is empty): "
-                         "pass --base-model with its Hub id or name.")
+                         "pass --base_model with its Hub id or name.")
     return str(base_model)
 
 
-def build_adapter_card_data(folder: Path, repo_id: str, args: argparse.Namespace) -> AdapterCardData:
+def build_adapter_card_data(folder: Path, repo_id: str, args: PushConfig) -> AdapterCardData:
     """The card data of an adapter folder, from its config, weights, and the command-line options."""
     config = _read_config(folder)
     if config.get("peft_type") not in (None, "HYPERFLOW"):
@@ -104,7 +108,7 @@ def build_adapter_card_data(folder: Path, repo_id: str, args: argparse.Namespace
             if (folder / name).is_file():
                 training_config = _read_mapping(folder / name)
                 break
-    datasets = args.dataset or [d for d in training_config.get("datasets") or [] if isinstance(d, str)]
+    datasets = args.datasets or [d for d in training_config.get("datasets") or [] if isinstance(d, str)]
     parameters, size = safetensors_size(sorted(folder.glob("*.safetensors")))
     results = load_results(args.results) if args.results else None
     plot_path = None
@@ -137,18 +141,18 @@ def build_adapter_card_data(folder: Path, repo_id: str, args: argparse.Namespace
         results=results,
         eval_method=args.eval_method,
         plot_path=plot_path,
-        tags=args.tag or [],
+        tags=args.tags,
     )
 
 
-def build_task_card_data(folder: Path, repo_id: str, args: argparse.Namespace) -> TaskCardData:
+def build_task_card_data(folder: Path, repo_id: str, args: PushConfig) -> TaskCardData:
     """The card data of an adapted-task folder (``hyperflow_task.json`` + a LoRA adapter config)."""
     task = read_json_checked(folder / TASK_FILE)
     config = _read_config(folder)
     source = args.source_adapter or task.get("source_adapter")
     if not source:
         raise ValueError(f"{folder / TASK_FILE} does not say which HyperFlow adapter made the task: pass "
-                         "--source-adapter with its Hub id or name.")
+                         "--source_adapter with its Hub id or name.")
     classes = task.get("classes")
     if not isinstance(classes, list) or not classes:
         raise ValueError(f"{folder / TASK_FILE} has no 'classes' list.")
@@ -165,34 +169,38 @@ def build_task_card_data(folder: Path, repo_id: str, args: argparse.Namespace) -
         target_modules=config.get("target_modules"),
         support_size=task.get("support_size"),
         license=args.license,
-        tags=args.tag or [],
+        tags=args.tags,
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output_dir", help="a folder written by HyperFlowAdapter / AdaptedTask.save_pretrained")
-    parser.add_argument("repo_id", help="Hub repo id, namespace/name (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
-    parser.add_argument("--revision", help="branch to commit to (created from main if missing)")
-    parser.add_argument("--commit-message", help="commit message")
-    parser.add_argument("--results", help="evaluation results.json to put in the card")
-    parser.add_argument("--eval-method", help="method of the results that is this adapter (default: hyperflow)")
-    parser.add_argument("--plot", help="accuracy-vs-latency image to show (default: drawn from --results)")
-    parser.add_argument("--training-config", help="training configuration file (JSON or YAML) for the card")
-    parser.add_argument("--dataset", action="append", help="training dataset name (repeat)")
-    parser.add_argument("--base-model", help="backbone Hub id or name, when the config does not record it")
-    parser.add_argument("--source-adapter", help="for a task folder: the HyperFlow adapter that made it")
-    parser.add_argument("--license", default="apache-2.0", help="license id (default apache-2.0)")
-    parser.add_argument("--tag", action="append", help="extra card tag (repeat)")
-    parser.add_argument("--card-only", action="store_true", help="write README.md, do not push")
-    return parser.parse_args(argv)
+@dataclass
+class PushConfig:
+    """Which folder goes to which repo, and what its model card says."""
+
+    folder: str = option("A folder written by HyperFlowAdapter / AdaptedTask.save_pretrained.", "")
+    repo_id: str = option("Hub repo id, namespace/name (created if missing).", "")
+    private: bool = option("Create the repo private (if it does not exist).", False)
+    revision: str | None = option("Branch to commit to (created from main if missing).")
+    commit_message: str | None = option("Commit message.")
+    results: str | None = option("Evaluation results.json to put in the card.")
+    eval_method: str | None = option("Method of the results that is this adapter (default: hyperflow).")
+    plot: str | None = option("Accuracy-vs-latency image to show (default: drawn from --results).")
+    training_config: str | None = option("Training configuration file (JSON or YAML) for the card.")
+    datasets: list[str] = option("Training dataset names.", list)
+    base_model: str | None = option("Backbone Hub id or name, when the config does not record it.")
+    source_adapter: str | None = option("For a task folder: the HyperFlow adapter that made it.")
+    license: str = option("License id.", "apache-2.0")
+    tags: list[str] = option("Extra card tags.", list)
+    card_only: bool = option("Write README.md, do not push.", False)
+
+    def __post_init__(self):
+        if not self.folder or not self.repo_id:
+            raise ValueError("Give the folder and the repo: --folder OUTPUT_DIR --repo_id namespace/name.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    folder = Path(args.output_dir)
+    args = parse(PushConfig, sys.argv[1:] if argv is None else argv)
+    folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"There is no folder at {folder}.")
     if (folder / TASK_FILE).is_file():

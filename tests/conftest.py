@@ -125,3 +125,82 @@ def write_image_folder(root, images_by_class: dict[str, list]):
         for i, image in enumerate(images):
             image.save(root / name / f"{i:02d}.png")
     return root
+
+
+# ------------------------------------------------------------------------------------------------ meta-training
+TINY_RESNET = {"model_type": "resnet", "embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1],
+               "layer_type": "basic", "seed": 0}
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Each in-process run builds its own Accelerator: reset Accelerate's process-wide state around a test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _png(array) -> dict:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> str:
+    """12 classes x 10 images of 32 px: a class colour and stripe direction, plus per-image noise."""
+    import math
+
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    grid = np.arange(32)
+    for c in range(12):
+        colour = rng.uniform(40, 215, size=3)
+        stripes = np.sin((grid[:, None] * math.cos(c) + grid[None, :] * math.sin(c)) * (0.3 + 0.05 * c))
+        for _ in range(10):
+            pixels = colour[None, None] * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 20, (32, 32, 3))
+            images.append(_png(np.clip(pixels, 0, 255).astype(np.uint8)))
+            labels.append(c)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[f"c{c:02d}" for c in range(12)])})
+    folder = tmp_path_factory.mktemp("data") / "synthetic"
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(folder))
+    return str(folder)
+
+
+def tiny_train_config(output_dir, source: str, **changes) -> dict:
+    """A meta-training run of a few seconds in the YAML layout: tiny random ResNet, both losses, trajectories
+    recorded first. ``changes``: dotted keys (``"training.max_steps"``) and their new values."""
+    data = {
+        "output_dir": str(output_dir),
+        "backbone": {"random_init": dict(TINY_RESNET)},
+        "adapter": {"groups": ["lora", "shift", "head"], "r": 2, "first_adapted_block": -1, "image_size": 32,
+                    "steps": 3, "hidden_size": 32, "output_rank": 8},
+        "datasets": [{"source": source, "class_split": {"fractions": [0.6, 0.4, 0.0], "seed": 0}}],
+        "episodes": {"ways": 3, "shots": 2, "queries": 3, "seed": 0},
+        "losses": {"unrolled": 1.0, "flow": 0.5},
+        "flow": {"generate": {"episodes": 4, "steps": 4, "lr": 0.01}, "interpolation": "cubic",
+                 "trajectories_per_step": 4},
+        "validation": {"episodes": 4, "every": 3, "tasks_per_batch": 4},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 1},
+        "training": {"max_steps": 6, "episodes_per_step": 4, "checkpoint_every": 2, "log_every": 2, "threads": 1,
+                     "log_episodes": True},
+    }
+    for key, value in changes.items():
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node[int(section)] if section.isdigit() else node.setdefault(section, {})
+        node[name] = value
+    return data

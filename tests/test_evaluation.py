@@ -178,10 +178,10 @@ def test_evaluate_cli_end_to_end(adapter, dataset, tmp_path):
     dataset.save_to_disk(str(tmp_path / "colours"))
     SPLIT.save(tmp_path / "split.json")
     results = main(["--backbone", str(backbone_dir), "--adapter", str(tmp_path / "adapter"),
-                    "--dataset", f"colours={tmp_path / 'colours'}", "--class-split", str(tmp_path / "split.json"),
+                    "--datasets", f"[colours={tmp_path / 'colours'}]", "--class_split", str(tmp_path / "split.json"),
                     "--episodes", "2", "--ways", "3", "--shots", "2", "--queries", "2",
-                    "--methods", "dt,ft-head,hyperflow,hyperflow:rk4:1", "--ft-steps", "2", "--lr", "0.001",
-                    "--batch-tasks", "2", "--steps-sweep", "1,2", "--sweep-episodes", "1", "--no-progress",
+                    "--methods", "[dt, ft-head, hyperflow, 'hyperflow:rk4:1']", "--ft_steps", "2", "--lr", "0.001",
+                    "--batch_tasks", "2", "--steps_sweep", "[1, 2]", "--sweep_episodes", "1", "--progress", "false",
                     "--output", str(tmp_path / "out")])
     for name in ("results.json", "results.md", "accuracy_vs_latency.png", "accuracy_vs_steps.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
@@ -197,13 +197,18 @@ def test_evaluate_cli_end_to_end(adapter, dataset, tmp_path):
 def test_cli_bad_arguments(tmp_path, capsys):
     from recipes.evaluate import main
 
+    common = ["--backbone", "x", "--datasets", "[y]", "--output", str(tmp_path)]
     with pytest.raises(SystemExit, match="Unknown method 'nope'"):
-        main(["--backbone", "x", "--dataset", "y", "--methods", "dt,nope", "--output", str(tmp_path)])
+        main([*common, "--methods", "[dt, nope]"])
     with pytest.raises(SystemExit, match="need --adapter"):
-        main(["--backbone", "x", "--dataset", "y", "--methods", "hyperflow", "--output", str(tmp_path)])
+        main([*common, "--methods", "[hyperflow]"])
     with pytest.raises(SystemExit, match=r"names \['ft-full'\], which are not in --methods"):
-        main(["--backbone", "x", "--dataset", "y", "--methods", "dt", "--episodes-per-method", "ft-full=3",
-              "--output", str(tmp_path)])
+        main([*common, "--methods", "[dt]", "--episodes_per_method", "{ft-full: 3}"])
+    with pytest.raises(SystemExit, match=r"Unknown key 'episodes-per-method'; the keys of the top level are "
+                                         r"\['backbone', 'adapter'"):
+        main([*common, "--episodes-per-method", "{ft-full: 3}"])
+    with pytest.raises(SystemExit, match="--datasets is missing"):
+        main(["--backbone", "x", "--output", str(tmp_path)])
 
 
 def test_dataset_without_the_needed_split(adapter, dataset):

@@ -545,8 +545,8 @@ def test_push_recipe_renders_the_card_and_pushes_the_folder(hub, client, tmp_pat
     results = tmp_path / "results.json"
     results.write_text(json.dumps(RESULTS))
     repo = f"{USER}/recipe-adapter"
-    assert run_push_recipe(client, [str(folder), repo, "--results", str(results), "--dataset", "emoji-google",
-                                    "--commit-message", "recipe push"]) == 0
+    assert run_push_recipe(client, ["--folder", str(folder), "--repo_id", repo, "--results", str(results),
+                                    "--datasets", "[emoji-google]", "--commit_message", "recipe push"]) == 0
 
     pushed = hub.read_files(repo)
     assert pushed["adapter_model.safetensors"] == adapter_files(5)["adapter_model.safetensors"]
@@ -571,11 +571,11 @@ def test_push_recipe_for_an_adapted_task(hub, client, tmp_path):
     folder = write_folder(tmp_path / "task", {"hyperflow_task.json": json.dumps(task).encode(),
                                               "adapter_config.json": json.dumps(lora).encode()})
     with pytest.raises(RemoteError) as caught:
-        run_push_recipe(client, [str(folder), f"{USER}/task", "--card-only"])
+        run_push_recipe(client, ["--folder", str(folder), "--repo_id", f"{USER}/task", "--card_only", "true"])
     assert caught.value.is_a("builtins.ValueError")
-    assert "does not say which HyperFlow adapter made the task: pass --source-adapter" in caught.value.message
-    assert run_push_recipe(client, [str(folder), f"{USER}/task", "--source-adapter", f"{USER}/recipe-adapter",
-                                    "--base-model", "facebook/dinov2-small"]) == 0
+    assert "does not say which HyperFlow adapter made the task: pass --source_adapter" in caught.value.message
+    assert run_push_recipe(client, ["--folder", str(folder), "--repo_id", f"{USER}/task", "--source_adapter",
+                                    f"{USER}/recipe-adapter", "--base_model", "facebook/dinov2-small"]) == 0
     readme = hub.read_files(f"{USER}/task")["README.md"].decode()
     assert "library_name: peft" in readme and "| 1 | dog |" in readme
     assert f"HyperFlow adapter [`{USER}/recipe-adapter`]" in readme

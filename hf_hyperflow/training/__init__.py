@@ -2,7 +2,8 @@
 
 One concept a module:
 
-- :mod:`.config`: :class:`TrainConfig` (YAML sections, dotted overrides, validation before any work);
+- :mod:`.config`: :class:`TrainConfig` (YAML sections and dotted overrides through draccus, checked before any
+  work);
 - :mod:`.data`: datasets and class splits, episode samplers, which episodes each rank uses at each step;
 - :mod:`.losses`: the flow-matching loss, the unrolled forward pass and loss, :class:`DriftObjective`;
 - :mod:`.trajectory_pool`: the fine-tuning trajectories of the flow loss (recorded first, or named stores);
@@ -23,6 +24,7 @@ from .config import (
     AdapterSection,
     BackboneSection,
     DatasetSection,
+    EpisodeShape,
     EpisodesSection,
     FlowSection,
     GenerateSection,
@@ -32,10 +34,8 @@ from .config import (
     TrainConfig,
     UnrolledSection,
     ValidationSection,
-    apply_overrides,
     config_from_dict,
     load_config,
-    validate_config,
 )
 from .data import EpisodeMix, step_episode_ids, step_sample_ids
 from .loop import TrainResult, train
@@ -52,7 +52,7 @@ from .losses import (
 __all__ = [
     "TrainConfig", "BackboneSection", "AdapterSection", "DatasetSection", "EpisodesSection", "LossesSection",
     "UnrolledSection", "FlowSection", "GenerateSection", "ValidationSection", "OptimizerSection", "RunSection",
-    "TrainResult", "DriftObjective", "UnrolledInputs", "FlowInputs", "EpisodeMix", "load_config",
-    "apply_overrides", "config_from_dict", "validate_config", "flow_matching_loss", "flow_inputs",
+    "EpisodeShape", "TrainResult", "DriftObjective", "UnrolledInputs", "FlowInputs", "EpisodeMix", "load_config",
+    "config_from_dict", "flow_matching_loss", "flow_inputs",
     "velocity_scales", "episode_logits", "step_episode_ids", "step_sample_ids", "train", "drift_fingerprint",
 ]

@@ -48,7 +48,7 @@ def start_accelerator(config: TrainConfig, output_dir: Path, cpu: bool | None) -
     if accelerator.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: they "
                            f"would train independently. On CPU launch with `accelerate launch --multi_gpu "
-                           f"--num_processes N ...` and training.cpu: true (or --cpu).")
+                           f"--num_processes N ...` and training.cpu: true (recipes/train.py: --cpu true).")
     if run.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("training.mixed_precision: fp16 does nothing on CPU; use bf16 (or 'no').")
     world, accumulation = accelerator.num_processes, run.gradient_accumulation_steps
@@ -103,7 +103,7 @@ def build_adapter(config: TrainConfig, backbone: torch.nn.Module) -> HyperFlowAd
         adapter = HyperFlowAdapter.from_pretrained(backbone, config.adapter.pretrained)
         adapter.config.inference_mode = False
     else:
-        adapter = HyperFlowAdapter(backbone, HyperFlowConfig(**config.adapter.config))
+        adapter = HyperFlowAdapter(backbone, HyperFlowConfig(**config.adapter.settings()))
     adapter.backbone.requires_grad_(False)
     adapter.drift.requires_grad_(True)
     # A constant added to every logit changes neither the softmax nor the cross-entropy: the bias's gradient is

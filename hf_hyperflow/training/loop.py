@@ -32,7 +32,7 @@ from .checkpoint import (
     write_json,
 )
 from .components import build_adapter, build_backbone, build_optimizer, start_accelerator
-from .config import TrainConfig, validate_config
+from .config import TrainConfig
 from .data import (
     EpisodeMix,
     episode_loader,
@@ -93,7 +93,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, max_
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig (see load_config), got {type(config).__name__}.")
-    validate_config(config, data_builders)
+    config.validate(data_builders)
     if max_steps_this_run is not None:
         check_int(max_steps_this_run, "max_steps_this_run", 1)
     output_dir = Path(config.output_dir)

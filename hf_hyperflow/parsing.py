@@ -1,0 +1,107 @@
+"""Dataclass configs from YAML files and command lines, through draccus, with errors that name the key.
+
+    @dataclass
+    class Settings:
+        episodes: int = option("Episodes per dataset.", 600)
+
+    settings = parse(Settings, ["--config_path", "settings.yaml", "--episodes", "100"])
+
+draccus reads the file (``--config_path``) and the ``--section.key value`` overrides (values read as YAML) into
+nested dataclasses, types included. A config checks itself in ``__post_init__``; what a user sees when
+something is wrong is one ``ValueError`` / ``TypeError``: the config's own message as it is, an unknown key
+with the keys its section has, or a value of the wrong type with its dotted key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import draccus
+from draccus.utils import DecodingError, DraccusException
+
+__all__ = ["option", "parse", "decode"]
+
+T = TypeVar("T")
+
+
+def option(help: str, default: Any = None) -> Any:
+    """A dataclass field with ``help`` metadata; a ``default`` that is a class or ``list`` / ``dict`` (anything
+    callable) is a default factory."""
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse(config_class: type[T], args: Sequence[str]) -> T:
+    """``config_class`` from command-line tokens (``--config_path FILE`` reads a YAML file first).
+
+    Raises:
+        ValueError / TypeError: an unknown key, a value of the wrong type, or the config's own check.
+    """
+    try:
+        return draccus.parse(config_class, args=list(args), exit_on_error=False)
+    except (DraccusException, argparse.ArgumentError) as error:
+        raise _user_error(error, config_class) from None
+
+
+def decode(config_class: type[T], data: dict) -> T:
+    """``config_class`` from plain data in the YAML layout (errors as :func:`parse`)."""
+    try:
+        return draccus.decode(config_class, data)
+    except DraccusException as error:
+        raise _user_error(error, config_class) from None
+
+
+def _user_error(error: BaseException, config_class: type) -> Exception:
+    if isinstance(error, DecodingError):
+        unknown = re.search(r"The fields `([^`]+)`.* not valid", error.message)  # also inside an optional section
+        if unknown:
+            return ValueError(_unknown_key(config_class, [*error.key_path, unknown.group(1)], indexed=True))
+        return ValueError(f"{_dotted(error.key_path)}: {error.message}")
+    cause = error.__cause__
+    if isinstance(cause, (ValueError, TypeError)) and not isinstance(cause, DraccusException):
+        return cause  # a config's own check (in __post_init__), already naming the key
+    flags = re.findall(r"--([\w.\-]+)", str(error))
+    if str(error).startswith("unrecognized arguments") and flags:
+        return ValueError(_unknown_key(config_class, flags[0].split("."), indexed=False))
+    return ValueError(str(error))
+
+
+def _dotted(parts: Sequence[str]) -> str:
+    """``datasets[1].episodes.ways`` from a key path ``("datasets", "1", "episodes", "ways")``."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
+    return text
+
+
+def _unknown_key(config_class: type, parts: Sequence[str], *, indexed: bool) -> str:
+    """The message for an unknown key: which key, and the keys of the section it is not in. ``indexed``: the
+    path holds list indices (a file); on the command line a list is overridden whole."""
+    section, i = config_class, 0
+    while i < len(parts):
+        known = [f.name for f in dataclasses.fields(section)]
+        if parts[i] not in known:
+            return f"Unknown key '{_dotted(parts)}'; the keys of {_dotted(parts[:i]) or 'the top level'} are {known}."
+        kind = _without_none(typing.get_type_hints(section)[parts[i]])
+        if typing.get_origin(kind) is list:
+            if not indexed:
+                key = ".".join(parts[: i + 1])
+                return f"'{'.'.join(parts)}': {key} is a list, overridden whole on the command line: --{key} '[...]'."
+            kind, i = typing.get_args(kind)[0], i + 1
+        if not dataclasses.is_dataclass(kind):
+            return f"Unknown key '{_dotted(parts)}': {_dotted(parts[:i + 1])} is a value, not a section."
+        section, i = kind, i + 1
+    return f"Unknown key '{_dotted(parts)}'."
+
+
+def _without_none(tp: Any) -> Any:
+    """``X`` from ``X | None``; any other type as it is."""
+    args = typing.get_args(tp)
+    rest = [a for a in args if a is not type(None)]
+    return rest[0] if type(None) in args and len(rest) == 1 else tp

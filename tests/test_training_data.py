@@ -1,0 +1,35 @@
+"""Meta-training data: which episodes each rank uses at each step, and the weighted mix of datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hf_hyperflow.training import EpisodeMix, step_sample_ids
+
+
+@pytest.mark.parametrize("world_size,accumulation", [(1, 1), (2, 1), (2, 2), (4, 2)])
+def test_every_episode_is_used_once_per_step_across_ranks(world_size, accumulation):
+    per_step = 8
+    for step in range(3):
+        used = [i for rank in range(world_size) for micro in range(accumulation)
+                for i in step_sample_ids(step, micro, per_step, accumulation, rank, world_size)]
+        assert sorted(used) == list(range(step * per_step, (step + 1) * per_step))
+        for rank in range(world_size):  # rank r takes i % world_size == r, as EpisodeSampler shards
+            mine = [i for micro in range(accumulation)
+                    for i in step_sample_ids(step, micro, per_step, accumulation, rank, world_size)]
+            assert all(i % world_size == rank for i in mine)
+    with pytest.raises(ValueError, match="cannot be split over 2 accumulation steps x 2 processes"):
+        step_sample_ids(0, 0, 6, 2, 0, 2)
+
+
+def test_a_mix_of_datasets_follows_the_weights_and_is_seeded():
+    class Sampler(list):
+        pass
+
+    mix = EpisodeMix([Sampler(range(4000)), Sampler(range(4000))], [1.0, 3.0], seed=0)
+    share = np.mean([mix.source_of(i) for i in range(4000)])
+    assert 0.72 < share < 0.78  # weights 1 : 3
+    assert [mix.source_of(i) for i in range(50)] == [mix.source_of(i) for i in range(50)]
+    assert [mix.source_of(i) for i in range(50)] != [EpisodeMix(mix.samplers, [1.0, 3.0], seed=1).source_of(i)
+                                                     for i in range(50)]
