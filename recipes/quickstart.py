@@ -59,16 +59,15 @@ def glyphs_dataset(folder: Path) -> list[str]:
 def meta_train(args: QuickstartConfig, backbone_dir: Path):
     """Meta-train on the training scripts of glyphs_default; returns the config and the TrainResult."""
     from hf_hyperflow.training import load_config, train
-    from recipes.data import BUILDERS
 
     output, data = Path(args.output), Path(args.data)
     overrides = ["--output_dir", str(output / "training"), "--backbone.path", str(backbone_dir),
                  "--flow.generate.episodes", str(args.trajectories), "--training.max_steps", str(args.max_steps),
                  "--training.checkpoint_every", str(max(1, args.max_steps // 2)), "--validation.episodes", "40",
                  "--validation.every", str(max(1, args.max_steps // 4)), *glyphs_dataset(data / "glyphs_default")]
-    config = load_config(TRAINING_CONFIG, overrides, data_builders=BUILDERS)
+    config = load_config(TRAINING_CONFIG, overrides)
     print(f"[quickstart] meta-training ({args.trajectories} teacher trajectories, {args.max_steps} steps)")
-    return config, train(config, resume=(output / "training" / "checkpoints").exists(), data_builders=BUILDERS)
+    return config, train(config, resume=(output / "training" / "checkpoints").exists())
 
 
 def evaluate(args: QuickstartConfig, adapter, lr: float, meta: dict) -> dict:
@@ -102,15 +101,15 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_hyperflow import HyperFlowAdapter
     from hf_hyperflow.evaluation import machine_description
     from hf_hyperflow.pretrained import build_efficientnet_lite0
+    from hf_hyperflow.registry import data_builders
     from hf_hyperflow.results import results_markdown, write_outputs
-    from recipes.data import BUILDERS
 
     started = time.perf_counter()
     output, data = Path(args.output), Path(args.data)
     for name in ("glyphs_default", "digits"):
         if not (data / name).exists():
             print(f"[quickstart] building {data / name}")
-            BUILDERS[name].build(data / name)
+            data_builders()[name].build(data / name)
     backbone_dir = output / "efficientnet-lite0"
     if not (backbone_dir / "config.json").exists():
         build_efficientnet_lite0(backbone_dir)

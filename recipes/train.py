@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from hf_hyperflow.checks import check_int  # noqa: E402
 from hf_hyperflow.parsing import option  # noqa: E402
 from hf_hyperflow.training import TrainConfig, load_config, train  # noqa: E402
-from recipes.data import BUILDERS  # noqa: E402
 
 
 @dataclass
@@ -61,9 +60,9 @@ def parse_command(argv: list[str]) -> TrainCommand:
     tokens = list(argv)
     for i, token in enumerate(tokens):
         if token == "--config" and i + 1 < len(tokens):
-            return load_config(tokens[i + 1], tokens[:i] + tokens[i + 2:], BUILDERS, TrainCommand)
+            return load_config(tokens[i + 1], tokens[:i] + tokens[i + 2:], config_class=TrainCommand)
         if token.startswith("--config="):
-            return load_config(token.partition("=")[2], tokens[:i] + tokens[i + 1:], BUILDERS, TrainCommand)
+            return load_config(token.partition("=")[2], tokens[:i] + tokens[i + 1:], config_class=TrainCommand)
     raise ValueError("Give the run's YAML config: --config FILE (see recipes/configs/).")
 
 
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(command.to_dict(), indent=1))
         return 0
     result = train(command, resume=command.resume, max_steps_this_run=command.max_steps_this_run,
-                   cpu=True if command.cpu else None, data_builders=BUILDERS)
+                   cpu=True if command.cpu else None)
     if result.metrics.get("drift_fingerprints") and len(set(result.metrics["drift_fingerprints"])) > 1:
         print(f"error: the drift networks of the processes differ: {result.metrics['drift_fingerprints']}",
               file=sys.stderr)

@@ -122,11 +122,15 @@ def test_empty_class_split_from_the_data_fails_before_training(tmp_path, synthet
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "trajectories").exists()
 
 
-def test_a_builder_name_is_checked_against_the_builders_given(tmp_path, synthetic_dataset):
+def test_a_builder_name_is_checked_against_the_builders_given(tmp_path, synthetic_dataset, monkeypatch):
     data = tiny_train_config(tmp_path / "run", synthetic_dataset, **{"datasets.0.builder": "glyphs"})
     config_from_dict(data)  # no builders given: checked when needed
     with pytest.raises(ValueError, match=r"datasets\[0\].builder: unknown builder 'glyphs'; known: \['digits'\]"):
         config_from_dict(data, data_builders={"digits": object()})
+    import hf_hyperflow.training.loop as loop
+
+    monkeypatch.setattr(loop, "_installed_builders", lambda: None)  # a wheel without the repository's builders
     missing = tiny_train_config(tmp_path / "run", str(tmp_path / "absent"), **{"datasets.0.builder": "digits"})
-    with pytest.raises(ValueError, match=r"datasets\[0\].builder: no data builder 'digits' was given to train\(\)"):
+    with pytest.raises(ValueError, match=r"datasets\[0\].builder: no data builder 'digits' is installed or was "
+                                         r"given to train\(\); build .*hf-hyperflow data build --name digits"):
         train(config_from_dict(missing))

@@ -164,7 +164,7 @@ class DatasetSection:
 
     source: str = option("A save_to_disk folder, a parquet file or folder, an image folder, or a Hub dataset id.", "")
     name: str | None = option("Short name in metrics (default: the folder name).")
-    builder: str | None = option("Name of a data builder (train(data_builders=...), e.g. recipes.data) that creates "
+    builder: str | None = option("Name of a data builder (hf_hyperflow.registry, e.g. glyphs_default) that creates "
                                 "`source` when the folder does not exist.")
     hub_split: str = option("Split of a Hub / multi-split source to read.", "train")
     max_classes: int | None = option("Keep a seeded random subset of this many classes (a small slice for quick runs).")

@@ -144,9 +144,9 @@ def prepare_sources(config: TrainConfig, accelerator, output_dir: Path,
         key = f"datasets[{k}]"
         if entry.builder is not None and not Path(entry.source).exists():
             if data_builders is None or entry.builder not in data_builders:
-                raise ValueError(f"{key}.builder: no data builder {entry.builder!r} was given to train(); build "
-                                 f"{entry.source} first (python -m recipes.data.build --name {entry.builder} --output "
-                                 f"{entry.source}), or pass data_builders=recipes.data.BUILDERS.")
+                raise ValueError(f"{key}.builder: no data builder {entry.builder!r} is installed or was given to "
+                                 f"train(); build {entry.source} first (hf-hyperflow data build --name {entry.builder} "
+                                 f"--output {entry.source}), or install a source checkout (pip install -e .).")
             with accelerator.main_process_first():
                 if accelerator.is_main_process and not Path(entry.source).exists():
                     data_builders[entry.builder].build(entry.source)

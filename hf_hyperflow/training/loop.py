@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..checks import check_int
 from ..inputs import PixelTransform
 from ..prefix import PrefixCache
+from ..registry import data_builders as data_builders_of_entry_points
 from .checkpoint import (
     TRAINER_STATE,
     drift_fingerprint,
@@ -82,8 +83,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, max_
         cpu: force CPU (overrides ``training.cpu``).
         callback: called as ``callback(step, record)`` on every rank after each optimizer step (and its
             checkpoint, if any).
-        data_builders: name -> an object with ``build(output_dir)`` (e.g. ``recipes.data.BUILDERS``): what builds
-            a dataset whose ``builder`` is set and whose folder is missing.
+        data_builders: name -> an object with ``build(output_dir)``: what builds a dataset whose ``builder`` is set
+            and whose folder is missing; default: the installed ones (:func:`hf_hyperflow.registry.data_builders`).
 
     Returns:
         A :class:`TrainResult`.
@@ -93,6 +94,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, max_
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig (see load_config), got {type(config).__name__}.")
+    data_builders = data_builders if data_builders is not None else _installed_builders()
     config.validate(data_builders)
     if max_steps_this_run is not None:
         check_int(max_steps_this_run, "max_steps_this_run", 1)
@@ -118,6 +120,14 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, max_
             callback(step, record)
     bar.close()
     return run.finish()
+
+
+def _installed_builders() -> Mapping | None:
+    """The dataset builders of the ``hf_hyperflow.data_builders`` entry points, or None when none is installed."""
+    try:
+        return data_builders_of_entry_points()
+    except LookupError:
+        return None
 
 
 class _Run:
