@@ -1,7 +1,9 @@
 """Evaluation results: the ``results.json`` schema, its Markdown tables, and every plot of them.
 
 Schema: ``{"meta": {...}, "results": {dataset: {method: {"accuracy", "ci95", "episodes", ...}}}}`` plus optional
-``details`` (per-episode rows and accuracies), ``batched_throughput`` and ``steps_sweep``. Plots use
+``details`` (per dataset: ``episode_rows``, the ``[support rows, query rows]`` of each episode, stored once since
+every method runs on a prefix of the same seeded episodes, and ``per_episode_accuracy`` per method),
+``batched_throughput`` and ``steps_sweep``. Files are compact: arrays of numbers on one line (:func:`results_json`). Plots use
 matplotlib's object API with one style (:data:`PLOT_STYLE`); nothing changes matplotlib's global backend.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +22,8 @@ from .checks import is_number
 from .io import read_json_checked
 
 __all__ = ["validate_results", "load_results", "results_markdown", "result_rows", "gain_fraction",
-           "save_results_plot", "save_steps_plot", "write_outputs", "format_seconds", "format_ratio",
-           "format_bytes", "protocol_text", "headline_method", "PLOT_STYLE"]
+           "save_results_plot", "save_steps_plot", "write_outputs", "results_json", "compact_rows", "format_seconds",
+           "format_ratio", "format_bytes", "protocol_text", "headline_method", "PLOT_STYLE"]
 
 # The one look of every plot: matplotlib rc settings applied while a figure is drawn and saved.
 PLOT_STYLE = {"axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 7, "savefig.dpi": 110,
@@ -305,12 +308,57 @@ def save_steps_plot(sweeps: dict, path: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- files
+def compact_rows(episode_rows: dict[str, list] | list) -> list:
+    """The episode rows of a domain stored once: every method runs on a prefix of the same seeded episode
+    sequence, so the longest method's rows hold everyone's. Rows already stored once are returned as they are.
+
+    Raises:
+        ValueError: methods whose rows are not prefixes of one sequence (not the same episodes).
+    """
+    if isinstance(episode_rows, list):
+        return episode_rows
+    longest = max(episode_rows.values(), key=len, default=[])
+    for method, rows in episode_rows.items():
+        if rows != longest[: len(rows)]:
+            raise ValueError(f"The episodes of {method!r} are not a prefix of the others': these results do not come "
+                             f"from one seeded episode sequence, and their rows cannot be stored once.")
+    return longest
+
+
+def results_json(results: dict) -> str:
+    """``results`` as JSON text: objects indented; an array of numbers, or of such arrays (one episode's rows), on
+    one line; longer nestings (the episodes of a domain) one item a line."""
+    arrays: list[str] = []
+
+    def inline(value):
+        if isinstance(value, dict):
+            return {key: inline(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            if _depth(value) <= 2:
+                arrays.append(json.dumps(value, separators=(",", ":")))
+                return f"\0{len(arrays) - 1}\0"
+            return [inline(item) for item in value]
+        return value
+
+    text = json.dumps(inline(results), indent=1)
+    return re.sub(r'"\\u0000(\d+)\\u0000"', lambda match: arrays[int(match.group(1))], text) + "\n"
+
+
+def _depth(value) -> float:
+    """How deep arrays nest in ``value`` (1: an array of numbers); infinite when it holds an object."""
+    if isinstance(value, dict):
+        return float("inf")
+    if isinstance(value, (list, tuple)):
+        return 1 + max((_depth(item) for item in value), default=0)
+    return 0
+
+
 def write_outputs(results: dict, output_dir: str | Path, sweeps: dict | None = None) -> dict[str, Path]:
     """Write results.json, results.md and the plots into ``output_dir``; returns their paths."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"json": output / "results.json", "markdown": output / "results.md"}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["json"].write_text(results_json(results))
     markdown = results_markdown(results)
     paths["plot"] = save_results_plot({"meta": results["meta"], "results": results["results"]},
                                       output / "accuracy_vs_latency.png")
