@@ -40,7 +40,7 @@ from .results import save_results_plot
 from .state import HEAD_KEY, TaskState
 from .stopping import candidate_steps, choose_point, leave_one_out_loss
 from .task import AdaptedTask, HyperFlowEmbedder
-from .tuner.model import HyperFlowModel
+from .tuner.model import HyperFlowModel, peft_wrapping
 
 __all__ = ["HyperFlowAdapter", "TaskBatch", "CPU_TASKS_PER_BATCH", "ACCELERATOR_TASKS_PER_BATCH"]
 
@@ -114,7 +114,8 @@ class HyperFlowAdapter:
             config = copy.deepcopy(config) if config is not None else HyperFlowConfig()
             if not isinstance(config, HyperFlowConfig):
                 raise TypeError(f"config must be a HyperFlowConfig, got {type(config).__name__}.")
-            self.model = get_peft_model(backbone, config, adapter_name=adapter_name)
+            with peft_wrapping():
+                self.model = get_peft_model(backbone, config, adapter_name=adapter_name)
         self.model.eval()
         self.image_processor = image_processor or default_image_processor(self.backbone, self.config.image_size)
         self.name_or_path: str | None = None
@@ -532,7 +533,8 @@ class HyperFlowAdapter:
                 raise ValueError(message)
             warnings.warn(message, stacklevel=2)
         load_safetensors_checked(folder / SAFETENSORS_WEIGHTS_NAME)
-        model = PeftModel.from_pretrained(backbone, str(folder), config=config, is_trainable=False)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(backbone, str(folder), config=config, is_trainable=False)
         model.base_model.drift.requires_grad_(False)
         processor = None
         if (folder / "preprocessor_config.json").is_file():

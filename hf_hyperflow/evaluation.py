@@ -22,6 +22,7 @@ own time), measured in a separate, profiled run of the first episodes.
 from __future__ import annotations
 
 import itertools
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -113,6 +114,9 @@ def measure_peak_memory(fn: Callable[[], object]) -> int:
         return int(torch.cuda.max_memory_allocated() - start)
     from torch.profiler import ProfilerActivity, profile
 
+    # The profiler's backend (Kineto) logs every start and stop, and a failed CUDA probe, to stderr: quiet
+    # unless the user asked for a level.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         fn()
     # Every allocation and free with its own time (an operator's self memory would date the frees that happen
@@ -220,7 +224,8 @@ class Evaluator:
     # -- a dataset -------------------------------------------------------------------------------------
     def evaluate_dataset(self, name: str, dataset, *, episodes: int, episodes_per_method: dict[str, int] | None = None,
                          sampler_kwargs: dict | None = None, batch_tasks: int = 0) -> dict:
-        """Evaluate every method on ``dataset``; returns ``{"methods": {...}, "episode_rows": {...}, ...}``."""
+        """Evaluate every method on ``dataset``; returns ``{"methods": {...}, "episode_rows": [...], ...}``: the rows
+        of each episode once (a method with fewer episodes ran on the first ones), per-episode accuracies per method."""
         from tqdm.auto import tqdm
 
         sampler_kwargs = dict(sampler_kwargs or {})
@@ -229,11 +234,13 @@ class Evaluator:
         lrs = self._choose_lrs(dataset, sampler_kwargs)
         records: dict[str, dict[str, list]] = {m.name: {"accuracy": [], "adapt": [], "query": [], "memory": []}
                                                for m in self.methods}
-        rows: dict[str, list] = {m.name: [] for m in self.methods}
+        rows: list = []
         prepared_cache: list[_Prepared] = []
         bar = tqdm(range(episodes), desc=f"{name}: episodes", disable=not self.progress)
         for i in bar:
             episode = self._prepare(sampler[i])
+            if any(i < count for count in per_method.values()):
+                rows.append(episode.indices)
             if len(prepared_cache) < max(batch_tasks, 1):
                 prepared_cache.append(episode)
             for method in self.methods:
@@ -251,7 +258,6 @@ class Evaluator:
                 record["accuracy"].append(accuracy)
                 record["adapt"].append(adapt_seconds)
                 record["query"].append(query_seconds)
-                rows[method.name].append(episode.indices)
                 if i < self.memory_episodes:
                     record["memory"].append(measure_peak_memory(
                         lambda m=method, e=episode, r=lr, j=i: self._adapt(m, e, r, j)))

@@ -28,7 +28,7 @@ from .hub import push_folder_to_hub, resolve_pretrained_folder
 from .inputs import processor_size, to_pixel_values
 from .io import load_safetensors_checked, read_json_checked
 from .state import TaskState
-from .tuner.model import HyperFlowModel
+from .tuner.model import HyperFlowModel, peft_wrapping
 
 __all__ = ["AdaptedTask", "HyperFlowEmbedder", "PeftEmbedder", "HEAD_FILE", "TASK_FILE"]
 
@@ -219,7 +219,8 @@ class AdaptedTask:
         if size != meta["feature_size"]:
             raise ValueError(f"This task expects features of size {meta['feature_size']}, but the backbone gives "
                              f"{size}: it was adapted on another backbone.")
-        peft_model = PeftModel.from_pretrained(backbone, str(folder))
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(backbone, str(folder))
         peft_model.eval()
         parameter = next(backbone.parameters())
         task = cls(PeftEmbedder(peft_model), head["prototypes"].to(parameter.device, parameter.dtype),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -22,7 +23,7 @@ from ..drift import DriftNet
 from ..state import StateEntry, TaskState, state_key
 from .layer import HyperFlowConv2d, HyperFlowLayer, HyperFlowLinear, HyperFlowNorm
 
-__all__ = ["HyperFlowModel", "channel_moments", "layer_state_entries"]
+__all__ = ["HyperFlowModel", "channel_moments", "layer_state_entries", "peft_wrapping"]
 
 
 def channel_moments(x: torch.Tensor, channels: int, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +68,16 @@ def layer_state_entries(name: str, layer: HyperFlowLayer, rank: int) -> list[Sta
         else:
             entries.append(StateEntry(state_key("shift", "bias", name), (base.bias.shape[0],)))
     return entries
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around PEFT calls that wrap a model (``get_peft_model``, ``PeftModel.from_pretrained``): PEFT 0.21 reads
+    transformers' deprecated ``is_gradient_checkpointing`` there, a FutureWarning about PEFT's code that the caller
+    can do nothing about. That one warning is silenced; every other passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 class HyperFlowModel(BaseTuner):
