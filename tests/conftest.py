@@ -204,3 +204,40 @@ def tiny_train_config(output_dir, source: str, **changes) -> dict:
             node = node[int(section)] if section.isdigit() else node.setdefault(section, {})
         node[name] = value
     return data
+
+
+# ------------------------------------------------------------------------------------------------ results
+# A results.json object of two datasets (the schema of hf_hyperflow.results).
+SAMPLE_RESULTS = {
+    "meta": {"backbone": "facebook/dinov2-small", "adapter": "out/adapter", "protocol": "fixed", "ways": 5,
+             "shots": 5, "queries": 15, "image_size": 128, "machine": "2-core CPU", "date": "2026-11-30",
+             "command": "python recipes/evaluate.py --adapter out/adapter"},
+    "results": {
+        "emoji": {
+            "dt": {"accuracy": 61.04, "ci95": 1.52, "episodes": 600, "adapt_latency_s": 0.012,
+                   "query_latency_s": 0.004, "peak_memory_bytes": 104857600, "latency_vs_dt": 1.0,
+                   "latency_vs_ft_full": 0.003, "memory_vs_ft_full": 0.2},
+            "ft-full": {"accuracy": 75.0, "ci95": 1.2, "episodes": 600, "adapt_latency_s": 4.0,
+                        "peak_memory_bytes": 524288000},
+            "hyperflow": {"accuracy": 71.23, "ci95": 1.31, "episodes": 600, "adapt_latency_s": 0.05,
+                          "latency_vs_dt": 4.17, "latency_vs_ft_full": 0.0125, "memory_vs_ft_full": 0.05},
+        },
+        "fonts": {
+            "dt": {"accuracy": 40.0, "ci95": 2.0, "episodes": 300},
+            "hyperflow": {"accuracy": 45.5, "ci95": 2.1, "episodes": 300, "adapt_latency_s": 0.06},
+        },
+    },
+}
+
+
+
+
+def changed_results(change) -> dict:
+    """A copy of SAMPLE_RESULTS with ``change(copy)`` applied."""
+    import json
+
+    data = json.loads(json.dumps(SAMPLE_RESULTS))
+    change(data)
+    return data
+
+

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
-from conftest import IMAGE_SIZE, MODEL_TYPES, make_backbone, randomize_drift
-from safetensors.torch import load_file, save_file
+from conftest import IMAGE_SIZE, make_backbone, randomize_drift
 
 from hf_hyperflow import AdaptedTask, HyperFlowAdapter, HyperFlowConfig
-from hf_hyperflow.backbones import BACKBONE_TABLE, embed
+from hf_hyperflow.backbones import embed
 from hf_hyperflow.prefix import innermost_blocks
 
 WAYS, SHOTS = 3, 2
@@ -186,78 +180,77 @@ def test_adapt_many_in_chunks_equals_one_by_one():
                                        atol=1e-5)
 
 
-# ------------------------------------------------------------------------------------------------
-# Export to stock PEFT, checked in a process that never imports hf_hyperflow.
-# ------------------------------------------------------------------------------------------------
-STOCK_PEFT_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    from peft import PeftModel
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModel
-
-    cases = json.load(open(sys.argv[1]))
-    out = {}
-    for case in cases:
-        backbone = AutoModel.from_pretrained(case["backbone"]).eval()
-        model = PeftModel.from_pretrained(backbone, case["task"]).eval()
-        pixels = load_file(case["pixels"])["pixel_values"]
-        with torch.no_grad():
-            output = model.base_model.model(pixel_values=pixels)
-        if case["pooling"] == "cls":
-            features = output.last_hidden_state[:, 0]
-        else:
-            features = output.pooler_output.flatten(1)
-        out[case["model_type"]] = features.contiguous()
-    assert "hf_hyperflow" not in sys.modules
-    save_file(out, sys.argv[2])
-    """
-)
-
-
+# ------------------------------------------------------------------------------------------------ files
 @pytest.fixture(scope="module")
-def stock_peft_features(tmp_path_factory):
-    """Features of every model_type's exported task, computed by stock PEFT in a fresh process."""
-    root = tmp_path_factory.mktemp("stock_peft")
-    cases, expected = [], {}
-    for model_type in MODEL_TYPES:
-        adapter = make_adapter(model_type, seed=1)
-        backbone_dir = root / f"{model_type}-backbone"
-        make_backbone(model_type, seed=1).save_pretrained(backbone_dir)
-        task = adapter.adapt(*support(7))
-        task.save_pretrained(root / f"{model_type}-task")
-        x = queries(8)
-        save_file({"pixel_values": x}, str(root / f"{model_type}-pixels.safetensors"))
-        expected[model_type] = task.embed(x)
-        cases.append({"model_type": model_type, "backbone": str(backbone_dir), "task": str(root / f"{model_type}-task"),
-                      "pixels": str(root / f"{model_type}-pixels.safetensors"),
-                      "pooling": BACKBONE_TABLE[model_type].pooling})
-    (root / "cases.json").write_text(json.dumps(cases))
-    script = root / "stock.py"
-    script.write_text(STOCK_PEFT_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(root / "cases.json"), str(root / "out.safetensors")],
-                            capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                                              "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return expected, load_file(str(root / "out.safetensors"))
+def adapter():
+    adapter = HyperFlowAdapter(make_backbone("vit"), HyperFlowConfig(steps=2))
+    randomize_drift(adapter)
+    return adapter
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_stock_peft_export_reproduces_task_embed(model_type, stock_peft_features):
-    expected, got = stock_peft_features
-    torch.testing.assert_close(got[model_type], expected[model_type], rtol=1e-5, atol=1e-5)
+def pixels(n=4):
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(n))
 
 
-def test_exported_config_is_plain_lora(tmp_path):
-    adapter = make_adapter("vit")
-    adapter.adapt(*support()).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA"
-    assert config["init_lora_weights"] is False
-    assert config["lora_bias"] is True
-    assert "layers.0.attention.k_proj" in config["target_modules"]  # shift only: zero LoRA + lora_B bias
-    assert sorted(config["modules_to_save"]) == sorted(
-        [f"layers.{i}.{n}" for i in range(2) for n in ("layernorm_before", "layernorm_after")]
-    )
-    assert json.loads((tmp_path / "hyperflow_task.json").read_text())["classes"] == [0, 1, 2]
+def test_adapter_for_another_backbone(adapter, tmp_path):
+    adapter.save_pretrained(tmp_path / "vit-adapter")
+    with pytest.raises(ValueError, match="made for a 'vit' backbone, but the backbone given is a 'dinov2'"):
+        HyperFlowAdapter.from_pretrained(make_backbone("dinov2"), tmp_path / "vit-adapter")
+    # same model_type, other weights: the content fingerprint catches it
+    with pytest.raises(ValueError, match="strict_backbone=False"):
+        HyperFlowAdapter.from_pretrained(make_backbone("vit", seed=5), tmp_path / "vit-adapter")
+    with pytest.warns(UserWarning, match="differ from those this adapter was trained with"):
+        HyperFlowAdapter.from_pretrained(make_backbone("vit", seed=5), tmp_path / "vit-adapter", strict_backbone=False)
+
+
+def test_adapter_for_another_feature_size(tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    adapter = HyperFlowAdapter(make_backbone("vit"), HyperFlowConfig(steps=1))
+    adapter.save_pretrained(tmp_path / "a")
+    wider = AutoModel.from_config(AutoConfig.for_model(
+        "vit", hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8))
+    with pytest.raises(ValueError, match="differ from those this adapter|features of size 32"):
+        HyperFlowAdapter.from_pretrained(wider, tmp_path / "a", strict_backbone=False)
+
+
+def test_truncated_safetensors(adapter, tmp_path):
+    adapter.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is corrupt or truncated"):
+        HyperFlowAdapter.from_pretrained(make_backbone("vit"), tmp_path / "adapter")
+    adapter.adapt(pixels(4), [0, 1, 0, 1]).save_pretrained(tmp_path / "task")
+    head = tmp_path / "task" / "hyperflow_head.safetensors"
+    head.write_bytes(head.read_bytes()[:20])
+    with pytest.raises(ValueError, match="hyperflow_head.safetensors is corrupt or truncated"):
+        AdaptedTask.from_pretrained(make_backbone("vit"), tmp_path / "task")
+
+
+def test_missing_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        HyperFlowAdapter.from_pretrained(make_backbone("vit"), tmp_path / "empty")
+
+
+@pytest.mark.parametrize("model_type", ["vit", "timm_wrapper"])
+def test_adapt_runs_the_frozen_prefix_once_and_matches_the_uncached_path(model_type):
+    adapter = HyperFlowAdapter(make_backbone(model_type), HyperFlowConfig(first_adapted_block=-1, steps=2))
+    randomize_drift(adapter)
+    prefix = adapter.frozen_prefix()
+    assert prefix is not None
+    inner = next(m for m in prefix.blocks[0][1].modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    calls = []
+    handle = inner.register_forward_pre_hook(lambda module, args: calls.append(1))
+    images, labels = pixels(4), [0, 1, 0, 1]
+    cached = adapter.adapt(images, labels)
+    assert len(calls) == 1, "the frozen prefix runs once for the theta_0 pass and the adapted pass"
+    handle.remove()
+    adapter._frozen_prefix = None  # the uncached path
+    uncached = adapter.adapt(images, labels)
+    torch.testing.assert_close(cached.prototypes, uncached.prototypes, rtol=1e-5, atol=1e-6)
+    for key in cached.state:
+        torch.testing.assert_close(cached.state[key], uncached.state[key], rtol=1e-5, atol=1e-6)
+
+

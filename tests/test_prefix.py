@@ -1,4 +1,5 @@
-"""FrozenPrefix: the whole first pass keeps the frozen prefix's output on its way."""
+"""The frozen prefix: the blocks it holds, skipping them with a kept output (the first pass keeps it on its way),
+the high-resolution early blocks, and the per-image cache of meta-training."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from conftest import IMAGE_SIZE, make_backbone
 
 from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.backbones import embed
-from hf_hyperflow.prefix import FrozenPrefix, block_output_sizes
+from hf_hyperflow.prefix import FrozenPrefix, PrefixCache, block_output_sizes, innermost_blocks, skip_prefix
 
 
 @pytest.mark.parametrize("model_type", ["timm_wrapper", "vit", "resnet", "clip_vision_model", "swin"])
@@ -45,3 +46,51 @@ def test_early_blocks_are_the_high_resolution_start():
     assert 8 * sizes[kept[-1]] > max(sizes.values())
     assert [n for n, _ in FrozenPrefix.early(backbone, sizes, until=names[0]).blocks] == names[:1]
     assert FrozenPrefix.early(make_backbone("vit"), block_output_sizes(make_backbone("vit"), image)) is None
+
+
+def _pixels(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("model_type", ["vit", "resnet", "timm_wrapper"])
+def test_skipping_the_prefix_with_its_output_gives_the_same_features(model_type):
+    adapter = HyperFlowAdapter(make_backbone(model_type), HyperFlowConfig(first_adapted_block=-1))
+    prefix = FrozenPrefix.find(adapter.backbone)
+    assert prefix is not None
+    blocks = innermost_blocks(adapter.backbone)
+    assert [name for name, _ in prefix.blocks] == blocks[: len(prefix.blocks)] and len(prefix.blocks) < len(blocks)
+    x = _pixels(4)
+    with torch.no_grad():
+        expected = embed(adapter.backbone, x)
+        with skip_prefix(prefix, prefix.compute(x), x.shape[0]):
+            skipped = embed(adapter.backbone, x)
+    torch.testing.assert_close(skipped, expected, rtol=1e-5, atol=1e-6)
+    assert skip_prefix(None, None, 4).__class__.__name__ == "nullcontext"
+
+
+def test_no_prefix_when_every_block_is_adapted():
+    adapter = HyperFlowAdapter(make_backbone("vit"), HyperFlowConfig())
+    assert FrozenPrefix.find(adapter.backbone) is None
+    cache = PrefixCache(adapter.backbone, max_bytes=2**20)
+    assert not cache.active
+    with pytest.raises(ValueError, match="no frozen prefix"):
+        cache.outputs(_pixels(2))
+
+
+def test_the_cache_keeps_outputs_per_image_within_its_budget():
+    adapter = HyperFlowAdapter(make_backbone("vit"), HyperFlowConfig(first_adapted_block=-1))
+    cache = PrefixCache(adapter.backbone, max_bytes=2**20)
+    x = _pixels(4)
+    first = cache.outputs(x, ["a", "b", "c", "d"])
+    assert (cache.hits, cache.misses, cache.images_kept) == (0, 4, 4)
+    again = cache.outputs(torch.cat([x[2:], _pixels(1, seed=9)]), ["c", "d", "e"])
+    assert (cache.hits, cache.misses, cache.images_kept) == (2, 5, 5)
+    per_image = first.shape[0] // 4
+    torch.testing.assert_close(again[: 2 * per_image], first[2 * per_image:])
+    small = PrefixCache(adapter.backbone, max_bytes=first[:per_image].numel() * first.element_size())
+    small.outputs(x, ["a", "b", "c", "d"])
+    assert small.images_kept == 1 and small.used_bytes <= small.max_bytes
+    with torch.no_grad():
+        expected = embed(adapter.backbone, x)
+        with cache.context(x, ["a", "b", "c", "d"]):
+            torch.testing.assert_close(embed(adapter.backbone, x), expected, rtol=1e-5, atol=1e-6)

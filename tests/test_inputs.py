@@ -1,0 +1,87 @@
+"""Labels and images in: label encoding and its errors, pixel tensors and PIL images (grayscale, RGBA, palette)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGE_SIZE, make_backbone, randomize_drift
+from PIL import Image
+
+from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
+from hf_hyperflow.inputs import encode_labels
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    adapter = HyperFlowAdapter(make_backbone("vit"), HyperFlowConfig(steps=2))
+    randomize_drift(adapter)
+    return adapter
+
+
+def pixels(n=4):
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(n))
+
+
+def test_labels_strings_and_predictions_of_the_same_kind(adapter):
+    task = adapter.adapt(pixels(4), ["cat", "dog", "cat", "dog"])
+    assert task.classes == ["cat", "dog"]
+    assert set(task.predict(pixels(3))) <= {"cat", "dog"}
+    task = adapter.adapt(pixels(4), [1, 0, 1, 0])
+    assert all(isinstance(y, int) for y in task.predict(pixels(3)))
+    probabilities = task.predict_proba(pixels(3))
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(3))
+
+
+def test_one_class_only(adapter):
+    with pytest.raises(ValueError, match="at least two classes"):
+        adapter.adapt(pixels(3), [0, 0, 0])
+
+
+def test_class_without_support_image(adapter):
+    with pytest.raises(ValueError, match=r"class\(es\) \[1\] have no support image"):
+        adapter.adapt(pixels(3), [0, 2, 2])
+    with pytest.raises(ValueError, match=r"Class\(es\) \['bird'\] have no support image"):
+        adapter.adapt(pixels(2), ["cat", "dog"], classes=["cat", "dog", "bird"])
+
+
+def test_labels_that_do_not_match_images(adapter):
+    with pytest.raises(ValueError, match="4 support images but 3 labels"):
+        adapter.adapt(pixels(4), [0, 1, 0])
+
+
+def test_mixed_label_types():
+    with pytest.raises(TypeError, match="all ints or all strings"):
+        encode_labels([0, "a"])
+    with pytest.raises(TypeError, match="1-D integer tensor"):
+        encode_labels(torch.tensor([0.0, 1.0]))
+
+
+def test_label_not_in_classes():
+    with pytest.raises(ValueError, match=r"not among classes"):
+        encode_labels(["cat", "cow"], classes=["cat", "dog"])
+
+
+def test_wrong_tensor_rank_and_channels(adapter):
+    with pytest.raises(ValueError, match=r"4-D tensor \[B, 3, H, W\].*unsqueeze"):
+        adapter.adapt(torch.randn(3, IMAGE_SIZE, IMAGE_SIZE), [0])
+    with pytest.raises(ValueError, match="3 channels on axis 1"):
+        adapter.adapt(torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE), [0, 1])
+    with pytest.raises(TypeError, match="float tensor"):
+        adapter.adapt(torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), [0, 1])
+    with pytest.raises(TypeError, match="PIL images or one pixel_values tensor"):
+        adapter.adapt([np.zeros((8, 8, 3))] * 2, [0, 1])
+
+
+def test_grayscale_rgba_and_palette_images_are_converted(adapter):
+    rng = np.random.default_rng(0)
+    rgb = [Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)) for _ in range(4)]
+    gray = [im.convert("L") for im in rgb]
+    rgba = [im.convert("RGBA") for im in rgb]
+    palette = [im.convert("P") for im in rgb]
+    labels = [0, 1, 0, 1]
+    for images in (gray, rgba, palette):
+        task = adapter.adapt(images, labels)
+        assert task.logits(images).shape == (4, 2)
+    # RGBA of an opaque RGB image is the same image
+    torch.testing.assert_close(adapter.adapt(rgba, labels).logits(rgb), adapter.adapt(rgb, labels).logits(rgb))
