@@ -154,29 +154,38 @@ def _png(array) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-@pytest.fixture(scope="session")
-def synthetic_dataset(tmp_path_factory) -> str:
-    """12 classes x 10 images of 32 px: a class colour and stripe direction, plus per-image noise."""
+def write_image_dataset(folder, classes: int = 12, per_class: int = 10, groups: int | None = None,
+                        seed: int = 0) -> str:
+    """A save_to_disk image dataset of 32 px images: a class colour and stripe direction, plus per-image noise.
+    With ``groups``, a ``script`` column puts consecutive classes into that many groups (like glyphs' scripts)."""
     import math
 
     import datasets
     import numpy as np
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     images, labels = [], []
     grid = np.arange(32)
-    for c in range(12):
+    for c in range(classes):
         colour = rng.uniform(40, 215, size=3)
         stripes = np.sin((grid[:, None] * math.cos(c) + grid[None, :] * math.sin(c)) * (0.3 + 0.05 * c))
-        for _ in range(10):
+        for _ in range(per_class):
             pixels = colour[None, None] * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 20, (32, 32, 3))
             images.append(_png(np.clip(pixels, 0, 255).astype(np.uint8)))
             labels.append(c)
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=[f"c{c:02d}" for c in range(12)])})
-    folder = tmp_path_factory.mktemp("data") / "synthetic"
-    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(folder))
+    columns = {"image": images, "label": labels}
+    features = {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"c{c:02d}" for c in range(classes)])}
+    if groups is not None:
+        columns["script"] = [f"script{label * groups // classes}" for label in labels]
+        features["script"] = datasets.Value("string")
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).save_to_disk(str(folder))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> str:
+    """12 classes x 10 images of 32 px (:func:`write_image_dataset`)."""
+    return write_image_dataset(tmp_path_factory.mktemp("data") / "synthetic")
 
 
 def tiny_train_config(output_dir, source: str, **changes) -> dict:

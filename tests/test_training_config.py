@@ -63,7 +63,7 @@ def test_accelerate_launch_configs_load(name):
     ({"datasets.0.class_split": {"train": ["c00", "c01", "c02"], "validation": []}},
      r"datasets\[0\].class_split: the validation split has no classes"),
     ({"datasets.0.episodes": {"way": 2}}, r"Unknown key 'datasets\[0\].episodes.way'; the keys of "
-                                          r"datasets\[0\].episodes are \['protocol', 'ways', 'shots', 'queries'\]"),
+                                          r"datasets\[0\].episodes are \['protocol', 'ways', 'shots', 'queries', 'max_ways'"),
     ({"training.max_steps": 0}, "training.max_steps must be an integer >= 1, got 0"),
     ({"adapter.steps": 0}, "adapter.steps must be an integer >= 1, got 0"),
     ({"adapter.integrator": "rk5"}, "adapter.integrator: integrator='rk5' is unknown"),

@@ -1,0 +1,134 @@
+"""Every benchmark driver (benchmarks/*.py) runs, as its command line, on a tiny setting: synthetic data, a tiny
+random backbone standing in for EfficientNet-Lite0 where a run folder is read, one or two episodes and steps.
+The numbers are meaningless; what is checked is that each script still works against the package."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_RESNET, write_image_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+CONFIG = ROOT / "recipes" / "configs" / "efficientnet_lite0.yaml"
+pytestmark = pytest.mark.slow  # each script is a fresh process (imports, accelerate launches): minutes in all
+
+
+def run(script: str, *args, timeout: int = 900) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{script}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory) -> dict:
+    """Data (glyphs_default with scripts, digits, fashion_mnist) and a run folder as recipes/quickstart.py leaves
+    it: the backbone, the trained adapter, the class split and the teacher's trajectory store."""
+    from transformers import AutoConfig, AutoModel
+
+    from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
+    from hf_hyperflow.episodes import ClassSplit, EpisodeSampler, load_image_dataset
+    from hf_hyperflow.trajectories import record_trajectories
+
+    root = tmp_path_factory.mktemp("benchmarks")
+    data, run_dir = root / "data", root / "run"
+    write_image_dataset(data / "glyphs_default", classes=40, per_class=20, groups=8)
+    write_image_dataset(data / "digits", classes=10, per_class=20, seed=1)
+    write_image_dataset(data / "fashion_mnist", classes=10, per_class=20, seed=2)
+    settings = {k: v for k, v in TINY_RESNET.items() if k not in ("model_type", "seed")}
+    torch.manual_seed(0)
+    backbone = AutoModel.from_config(AutoConfig.for_model("resnet", **settings)).eval()
+    backbone.save_pretrained(run_dir / "efficientnet-lite0")
+    adapter_fields = yaml.safe_load(CONFIG.read_text())["adapter"]
+    adapter = HyperFlowAdapter(backbone, HyperFlowConfig(**adapter_fields))
+    adapter.save_pretrained(run_dir / "training" / "best")
+    dataset = load_image_dataset(data / "glyphs_default")
+    split = ClassSplit.from_dataset(dataset, fractions=(0.7, 0.15, 0.15), seed=0, group_column="script")
+    split_file = run_dir / "training" / "class_splits" / "glyphs_default.json"
+    split_file.parent.mkdir(parents=True)
+    split.save(split_file)
+    store = run_dir / "training" / "trajectories"
+    sampler = EpisodeSampler(dataset, ways=5, shots=5, queries=10, seed=1, split="train", class_split=split,
+                             num_episodes=2)
+    description = {"source": str(data / "glyphs_default"), "split": "train", "protocol": "fixed", "ways": 5,
+                   "shots": 5, "queries": 10, "episode_seed": 1, "class_split": str(split_file)}
+    record_trajectories(adapter, sampler, store / "glyphs_default", groups=("lora", "shift", "head"), steps=2,
+                        lr=0.01, dataset=description)
+    adapter.save_pretrained(store / "adapter")
+    return {"root": root, "data": data, "run": run_dir}
+
+
+def test_adapt_cost():
+    assert "| adapt (pixel tensor) |" in run("adapt_cost.py", "--image-size", 32, "--ways", 2, "--shots", 1,
+                                             "--steps", 1, "--repeats", 1, "--first-adapted-block", -2)
+
+
+def test_benchmark(setting):
+    output = setting["root"] / "benchmark"
+    run("benchmark.py", "--run", setting["run"], "--data", setting["data"], "--episodes", 1, "--ft-episodes", 1,
+        "--ft-full-episodes", 1, "--lr-episodes", 1, "--sweep-episodes", 1, "--output", output)
+    results = json.loads((output / "results" / "results.json").read_text())
+    assert len(results["results"]) == 3 and "## Targets" in (output / "RESULTS.md").read_text()
+    run("benchmark.py", "--render-only", "--output", output)
+
+
+def test_compact_results(setting):
+    path = setting["root"] / "results.json"
+    shutil.copyfile(BENCHMARKS / "fewer_steps" / "held_out" / "results.json", path)
+    before = json.loads(path.read_text())
+    run("compact_results.py", path)
+    assert json.loads(path.read_text()) == before  # already compact: unchanged
+
+
+def test_episode_throughput(setting):
+    output = setting["root"] / "episode_throughput.md"
+    run("episode_throughput.py", "--data", setting["data"], "--datasets", "digits", "--episodes", 1,
+        "--forward-episodes", 1, "--output", output)
+    assert "| digits |" in output.read_text()
+
+
+def test_finetune_cost(setting):
+    output = setting["root"] / "finetune_cost.md"
+    run("finetune_cost.py", "--models", "tiny_vit", "--variants", "lora",
+        "lora+shift+head, last block (cached prefix)", "--tasks", 1, "--trajectory-tasks", 1, "--steps", 1,
+        "--output", output)
+    assert "tiny_vit" in output.read_text()
+
+
+def test_teacher_study(setting):
+    output = setting["root"] / "teacher_study"
+    run("teacher_study.py", "--backbone", setting["run"] / "efficientnet-lite0", "--source",
+        f"glyphs={setting['data'] / 'glyphs_default'}:script", "--sizes", 32, "--first-blocks", -1, "--variants",
+        "shift", "--lrs", "1e-3", "--episodes", 2, "--steps", 1, "--output", output)
+    assert (output / "README.md").is_file()
+
+
+def test_training_benchmark(setting):
+    workdir = setting["root"] / "training_benchmark"
+    run("training_benchmark.py", "--workdir", workdir, "--backbone", setting["run"] / "efficientnet-lite0",
+        "--data", setting["data"] / "glyphs_default", "--trajectories", 2, "--throughput-steps", 1, "--curve-steps", 1,
+        "--every", 1, "--validation-episodes", 1, "--teacher-episodes", 0, "--output", workdir / "report.md",
+        "--plot", workdir / "curve.png")
+    assert (workdir / "report.md").is_file() and (workdir / "curve.png").is_file()
+
+
+def test_training_losses(setting):
+    output = setting["root"] / "training_losses.md"
+    run("training_losses.py", "--run", setting["run"], "--data", setting["data"], "--workdir",
+        setting["root"] / "training_losses", "--episodes", 1, "--max-steps", 1, "--modes", "mixed", "--output", output)
+    assert "| mixed |" in output.read_text()
+
+
+def test_every_benchmark_is_run_here():
+    tested = {name[len("test_"):] for name in globals() if name.startswith("test_") and name != "test_every_benchmark_is_run_here"}
+    assert {path.stem for path in BENCHMARKS.glob("*.py")} == tested
