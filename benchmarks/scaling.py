@@ -38,15 +38,17 @@ METHODS = ["dt", "hyperflow", "ft-shift"]
 FT_SHIFT_LR = 1e-2
 
 
-def configurations(data: Path, md_episodes: int) -> list[dict]:
-    """``{"dataset", "label", "sampler"}`` for every support-set shape measured."""
+def configurations(data: Path, md_episodes: int, glyph_shapes: tuple = ((5, 20, 50), (1, 5, 10, 19)),
+                   fashion_shapes: tuple = ((5, 10), (20, 50, 100))) -> list[dict]:
+    """``{"dataset", "label", "sampler"}`` for every support-set shape measured: ``(ways, shots)`` lists of
+    glyphs_default and of Fashion-MNIST, then ``md_episodes`` Meta-Dataset episodes."""
     configs = []
-    for ways in (5, 20, 50):
-        for shots in (1, 5, 10, 19):
+    for ways in glyph_shapes[0]:
+        for shots in glyph_shapes[1]:
             configs.append({"dataset": data / "glyphs_default", "label": f"glyphs {ways}-way {shots}-shot",
                             "sampler": {"protocol": "fixed", "ways": ways, "shots": shots, "queries": 1}})
-    for ways in (5, 10):
-        for shots in (20, 50, 100):
+    for ways in fashion_shapes[0]:
+        for shots in fashion_shapes[1]:
             configs.append({"dataset": data / "fashion_mnist", "label": f"fashion_mnist {ways}-way {shots}-shot",
                             "sampler": {"protocol": "fixed", "ways": ways, "shots": shots, "queries": 1}})
     for index in range(md_episodes):
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=3, help="episodes per fixed-protocol row (dt, hyperflow)")
     parser.add_argument("--ft-episodes", type=int, default=1, help="episodes per row for ft-shift")
     parser.add_argument("--md-episodes", type=int, default=6)
+    parser.add_argument("--glyph-shapes", default="5,20,50:1,5,10,19", help="WAYS,...:SHOTS,... of glyphs_default")
+    parser.add_argument("--fashion-shapes", default="5,10:20,50,100", help="WAYS,...:SHOTS,... of Fashion-MNIST")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/scaling.md"))
     args = parser.parse_args(argv)
@@ -145,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     cache: dict = {args.data / "glyphs_default": load_image_dataset(args.data / "glyphs_default")}
     warm_up(adapter, support_tasks(adapter, cache[args.data / "glyphs_default"], 1)[0], ft_groups=("shift",))
     rows = {}
-    for config in configurations(args.data, args.md_episodes):
+    shapes = [tuple(tuple(int(n) for n in part.split(",")) for part in text.split(":"))
+              for text in (args.glyph_shapes, args.fashion_shapes)]
+    for config in configurations(args.data, args.md_episodes, *shapes):
         rows[config["label"]] = measure(adapter, config, args, cache)
         print(config["label"], rows[config["label"]], flush=True)
     command = "python benchmarks/scaling.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
