@@ -271,6 +271,14 @@ def mib(value) -> str:
 
 
 def write_report(path: Path, command: str, settings: dict, finetune_rows: list[dict], trajectory_rows: list[dict]):
+    """The Markdown report: settings, the fine-tuning table, the trajectory table, notes and the raw rows."""
+    lines = [*_finetune_table(command, settings, finetune_rows), *_trajectory_table(settings, finetune_rows,
+                                                                                     trajectory_rows)]
+    lines += _notes(settings, finetune_rows, trajectory_rows)
+    path.write_text("\n".join(lines))
+
+
+def _finetune_table(command: str, settings: dict, finetune_rows: list[dict]) -> list[str]:
     lines = [
         "# Cost of gradient fine-tuning (P>M>F protocol) and of trajectories",
         "",
@@ -312,7 +320,11 @@ def write_report(path: Path, command: str, settings: dict, finetune_rows: list[d
             f"{row['seconds_per_task']:.1f} | {mib(total)} ({mib(row['saved_tensor_peak_bytes'])} + "
             f"{mib(row['optimizer_bytes'])}){cuda} | {mib(row['rss_peak_bytes'])} | {mib(row['rss_growth_bytes'])} | "
             f"{'yes' if row['prefix_cached'] else 'no'} |")
-    lines += [
+    return lines
+
+
+def _trajectory_table(settings: dict, finetune_rows: list[dict], trajectory_rows: list[dict]) -> list[str]:
+    lines = [
         "",
         "## Trajectories",
         "",
@@ -338,7 +350,11 @@ def write_report(path: Path, command: str, settings: dict, finetune_rows: list[d
                 f"| {row['model']} | {row['variant']} (not recorded: 3600 / s per task above; bytes = numbers x "
                 f"snapshots x 4) | {row['snapshot_numel']:,} | {snapshots} | {3600 / row['seconds_per_task']:.1f} | "
                 f"- | {row['snapshot_numel'] * snapshots * 4:,} |")
-    lines += [
+    return lines
+
+
+def _notes(settings: dict, finetune_rows: list[dict], trajectory_rows: list[dict]) -> list[str]:
+    return [
         "",
         "Storage options: `snapshot_every=k` keeps K/k + 1 snapshots (enough for the linear path: k = K, two "
         "snapshots) and `dtype=\"bfloat16\"` halves the bytes.",
@@ -363,7 +379,6 @@ def write_report(path: Path, command: str, settings: dict, finetune_rows: list[d
         "</details>",
         "",
     ]
-    path.write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -221,12 +221,31 @@ def resolve_adapted_modules(
         backbone_spec(model_type)  # raises the "no table entry" error
     lora_re = _compile(lora_modules) if lora_modules is not None else re.compile(spec.lora_modules)
     shift_re = _compile(shift_modules) if shift_modules is not None else re.compile(spec.shift_modules)
-    exclude_re = _compile(exclude_modules)
-    default_exclude = re.compile(spec.exclude_modules) if spec and spec.exclude_modules else None
-    block_re = re.compile(spec.block_pattern) if spec else None
-
+    excluded = [p for p in (_compile(exclude_modules), re.compile(spec.exclude_modules) if spec and
+                            spec.exclude_modules else None) if p is not None]
     named = [(name, module) for name, module in backbone.named_modules() if name]
-    # Position of every module: index of its block, or (outside blocks) just after the last block seen.
+    positions, blocks = _block_positions(named, re.compile(spec.block_pattern) if spec else None)
+    first = _first_block(first_adapted_block, len(blocks), model_type)
+    roles: dict[str, frozenset[str]] = {}
+    for name, module in named:
+        if (first is not None and positions[name] < first) or any(p.search(name) for p in excluded):
+            continue
+        module_roles = _roles_of(name, module, lora_re, shift_re, lora_given=lora_modules is not None)
+        if module_roles:
+            roles[name] = frozenset(module_roles)
+    if not roles:
+        raise ValueError(
+            f"No module of this {model_type} backbone matches target_modules / shift_modules "
+            f"(first_adapted_block={first_adapted_block}). Check the patterns against "
+            f"[name for name, _ in backbone.named_modules()]."
+        )
+    return roles
+
+
+def _block_positions(named: list[tuple[str, nn.Module]], block_re: re.Pattern | None
+                     ) -> tuple[dict[str, float], list[str]]:
+    """Position of every module (the index of its block, or, outside blocks, just after the last block seen) and
+    the block names in order."""
     block_names: list[str] = []
     positions: dict[str, float] = {}
     for name, _ in named:
@@ -237,52 +256,43 @@ def resolve_adapted_modules(
             positions[name] = len(block_names) - 1
         else:
             positions[name] = len(block_names) - 0.5
-    first = None
-    if first_adapted_block is not None:
-        if not block_names:
-            raise ValueError(
-                f"first_adapted_block={first_adapted_block} needs numbered blocks, but no module of this "
-                f"{model_type} backbone matches the block pattern."
-            )
-        first = first_adapted_block if first_adapted_block >= 0 else len(block_names) + first_adapted_block
-        if not 0 <= first < len(block_names):
-            raise ValueError(
-                f"first_adapted_block={first_adapted_block} is out of range: this backbone has "
-                f"{len(block_names)} blocks (use 0..{len(block_names) - 1} or -{len(block_names)}..-1)."
-            )
+    return positions, block_names
 
-    roles: dict[str, frozenset[str]] = {}
-    for name, module in named:
-        if first is not None and positions[name] < first:
-            continue
-        if (exclude_re and exclude_re.search(name)) or (default_exclude and default_exclude.search(name)):
-            continue
-        module_roles = set()
-        if lora_re.search(name) and isinstance(module, (nn.Linear, nn.Conv2d)):
-            if isinstance(module, nn.Conv2d) and (
-                module.groups != 1 or (type(module) is not nn.Conv2d and module.kernel_size != (1, 1))
-            ):
-                if lora_modules is not None:
-                    raise ValueError(
-                        f"Module {name!r} ({type(module).__name__}, groups={module.groups}) cannot take LoRA "
-                        f"factors: only Linear and plain (groups=1) Conv2d layers can. Remove it from "
-                        f"target_modules."
-                    )
-            else:
-                module_roles.add("lora")
-        if shift_re.search(name):
-            if isinstance(module, SHIFTABLE_NORMS) and getattr(module, "weight", None) is not None:
-                module_roles.add("shift")
-            elif isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
-                module_roles.add("shift")
-        if module_roles:
-            roles[name] = frozenset(module_roles)
-    if not roles:
-        raise ValueError(
-            f"No module of this {model_type} backbone matches target_modules / shift_modules "
-            f"(first_adapted_block={first_adapted_block}). Check the patterns against "
-            f"[name for name, _ in backbone.named_modules()]."
-        )
+
+def _first_block(first_adapted_block: int | None, blocks: int, model_type: str) -> int | None:
+    """``first_adapted_block`` as an index into the blocks (negative counted from the end), checked."""
+    if first_adapted_block is None:
+        return None
+    if not blocks:
+        raise ValueError(f"first_adapted_block={first_adapted_block} needs numbered blocks, but no module of this "
+                         f"{model_type} backbone matches the block pattern.")
+    first = first_adapted_block if first_adapted_block >= 0 else blocks + first_adapted_block
+    if not 0 <= first < blocks:
+        raise ValueError(f"first_adapted_block={first_adapted_block} is out of range: this backbone has {blocks} "
+                         f"blocks (use 0..{blocks - 1} or -{blocks}..-1).")
+    return first
+
+
+def _roles_of(name: str, module: nn.Module, lora_re: re.Pattern, shift_re: re.Pattern, lora_given: bool) -> set[str]:
+    """The roles a module matched by the patterns can take: LoRA on Linear / plain Conv2d, a shift of a bias or of
+    a norm's affine. A LoRA target the user named that cannot take factors is an error."""
+    roles = set()
+    if lora_re.search(name) and isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, nn.Conv2d) and (
+            module.groups != 1 or (type(module) is not nn.Conv2d and module.kernel_size != (1, 1))
+        ):
+            if lora_given:
+                raise ValueError(
+                    f"Module {name!r} ({type(module).__name__}, groups={module.groups}) cannot take LoRA factors: "
+                    f"only Linear and plain (groups=1) Conv2d layers can. Remove it from target_modules."
+                )
+        else:
+            roles.add("lora")
+    if shift_re.search(name):
+        if isinstance(module, SHIFTABLE_NORMS) and getattr(module, "weight", None) is not None:
+            roles.add("shift")
+        elif isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
+            roles.add("shift")
     return roles
 
 

@@ -434,6 +434,33 @@ class EpisodePlan:
     queries: int
 
 
+def _check_protocol(protocol: str, ways, shots, queries, max_ways, max_support) -> tuple:
+    """``(ways, shots, queries)`` of the protocol (the fixed protocol's defaults filled in; None for md)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "md":
+        given = {k: v for k, v in (("ways", ways), ("shots", shots), ("queries", queries)) if v is not None}
+        if given:
+            raise ValueError(f"the md protocol draws ways, shots and queries itself; do not pass {sorted(given)} "
+                             "(use protocol='fixed' for N-way K-shot Q-query episodes)")
+        for name, value, low in (("max_ways", max_ways, MD_MIN_WAYS), ("max_support", max_support, MD_MIN_WAYS)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
+                                      or value < low):
+                raise ValueError(f"{name} must be an integer >= {low} (or None for the protocol's default), "
+                                 f"got {value!r}")
+        return ways, shots, queries
+    if max_ways is not None or max_support is not None:
+        raise ValueError("max_ways and max_support bound the md protocol's draws; the fixed protocol takes "
+                         "ways, shots and queries instead")
+    ways = DEFAULT_WAYS if ways is None else ways
+    shots = DEFAULT_SHOTS if shots is None else shots
+    queries = DEFAULT_QUERIES if queries is None else queries
+    for name, value, low in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 1)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return ways, shots, queries
+
+
 class EpisodeSampler(Sequence):
     """Seeded few-shot episodes over a ``datasets.Dataset``.
 
@@ -457,28 +484,7 @@ class EpisodeSampler(Sequence):
                  rank: int = 0, world_size: int = 1, max_ways: int | None = None, max_support: int | None = None):
         if not isinstance(dataset, datasets.Dataset):
             raise TypeError(f"dataset must be a datasets.Dataset (see load_image_dataset), got {type(dataset).__name__}")
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
-        if protocol == "md":
-            given = {k: v for k, v in (("ways", ways), ("shots", shots), ("queries", queries)) if v is not None}
-            if given:
-                raise ValueError(f"the md protocol draws ways, shots and queries itself; do not pass {sorted(given)} "
-                                 "(use protocol='fixed' for N-way K-shot Q-query episodes)")
-            for name, value, low in (("max_ways", max_ways, MD_MIN_WAYS), ("max_support", max_support, MD_MIN_WAYS)):
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
-                                          or value < low):
-                    raise ValueError(f"{name} must be an integer >= {low} (or None for the protocol's default), "
-                                     f"got {value!r}")
-        else:
-            if max_ways is not None or max_support is not None:
-                raise ValueError("max_ways and max_support bound the md protocol's draws; the fixed protocol takes "
-                                 "ways, shots and queries instead")
-            ways = DEFAULT_WAYS if ways is None else ways
-            shots = DEFAULT_SHOTS if shots is None else shots
-            queries = DEFAULT_QUERIES if queries is None else queries
-            for name, value, low in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 1)):
-                if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-                    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        ways, shots, queries = _check_protocol(protocol, ways, shots, queries, max_ways, max_support)
         _check_seed(seed)
         if isinstance(num_episodes, bool) or not isinstance(num_episodes, int | np.integer) or num_episodes < 1:
             raise ValueError(f"num_episodes must be a positive integer, got {num_episodes!r}")
@@ -503,13 +509,25 @@ class EpisodeSampler(Sequence):
         self.rank, self.world_size = rank, world_size
         self.image_column = resolve_image_column(dataset, image_column)
         self.label_column = resolve_label_column(dataset, label_column)
-        index = LabelIndex.build(dataset, self.label_column)
+        self._select_classes(LabelIndex.build(dataset, self.label_column), class_split)
+        self._images = dataset.select_columns([self.image_column])
+        self._spec_base = {
+            "dataset": getattr(dataset, "_fingerprint", None) or (dataset.info.dataset_name or ""),
+            "split": split, "split_classes": len(self.class_names),
+            "split_digest": fingerprint(["\n".join(self.class_names)]), "protocol": protocol, "seed": self.seed,
+            # lowered md bounds only, so that specs of default episodes stay as they were
+            **({"max_ways": self.max_ways} if self.max_ways != MD_MAX_WAYS else {}),
+            **({"max_support": self.max_support} if self.max_support != MD_MAX_SUPPORT else {}),
+        }
 
+    def _select_classes(self, index: LabelIndex, class_split: ClassSplit | None) -> None:
+        """The classes of ``self.split`` (all with None), their rows, and the checks that they can make episodes."""
+        split = self.split
         if split is None:
             names = index.present() if class_split is None else list(class_split.classes(None))
         else:
             if class_split is None:
-                class_split = ClassSplit.from_dataset(dataset, label_column=self.label_column)
+                class_split = ClassSplit.from_dataset(self.dataset, label_column=self.label_column)
             names = list(class_split.classes(split))
         self.class_split = class_split
         where = "the dataset" if split is None else f"the {split!r} split"
@@ -523,36 +541,29 @@ class EpisodeSampler(Sequence):
         class_ids = sorted(id_of[n] for n in names)
         self.class_names = [index.names[c] for c in class_ids]
         self._rows = [index.rows(c) for c in class_ids]
-        counts = np.array([len(r) for r in self._rows])
-        self._counts = counts
+        self._counts = np.array([len(r) for r in self._rows])
+        self._check_counts(where)
 
-        if protocol == "fixed":
-            if len(class_ids) < ways:
-                raise ValueError(f"{where} has {len(class_ids)} classes, fewer than ways={ways}; lower ways, or pass "
+    def _check_counts(self, where: str) -> None:
+        """Enough classes, and enough images in every class, for this protocol's episodes."""
+        classes = len(self.class_names)
+        if self.protocol == "fixed":
+            if classes < self.ways:
+                raise ValueError(f"{where} has {classes} classes, fewer than ways={self.ways}; lower ways, or pass "
                                  "split=None or a class_split with more classes in this split")
-            need = shots + queries
-            short = [(self.class_names[k], int(n)) for k, n in enumerate(counts) if n < need]
+            need = self.shots + self.queries
+            short = [(self.class_names[k], int(n)) for k, n in enumerate(self._counts) if n < need]
             if short:
                 raise ValueError(f"{len(short)} classes of {where} have fewer than shots + queries = {need} images, "
                                  f"e.g. {short[:5]} (name, images); lower shots or queries, or use protocol='md'")
-        else:
-            if len(class_ids) < MD_MIN_WAYS:
-                raise ValueError(f"{where} has {len(class_ids)} classes; the md protocol needs at least {MD_MIN_WAYS}; "
-                                 "pass split=None or use protocol='fixed' with fewer ways")
-            short = [(self.class_names[k], int(n)) for k, n in enumerate(counts) if n < 2]
-            if short:
-                raise ValueError(f"{len(short)} classes of {where} have fewer than 2 images (the md protocol needs one "
-                                 f"support and one query image per class), e.g. {short[:5]}")
-        self._images = dataset.select_columns([self.image_column])
-        digest = fingerprint(["\n".join(self.class_names)])
-        self._spec_base = {
-            "dataset": getattr(dataset, "_fingerprint", None) or (dataset.info.dataset_name or ""),
-            "split": split, "split_classes": len(self.class_names), "split_digest": digest,
-            "protocol": protocol, "seed": self.seed,
-            # lowered md bounds only, so that specs of default episodes stay as they were
-            **({"max_ways": self.max_ways} if self.max_ways != MD_MAX_WAYS else {}),
-            **({"max_support": self.max_support} if self.max_support != MD_MAX_SUPPORT else {}),
-        }
+            return
+        if classes < MD_MIN_WAYS:
+            raise ValueError(f"{where} has {classes} classes; the md protocol needs at least {MD_MIN_WAYS}; "
+                             "pass split=None or use protocol='fixed' with fewer ways")
+        short = [(self.class_names[k], int(n)) for k, n in enumerate(self._counts) if n < 2]
+        if short:
+            raise ValueError(f"{len(short)} classes of {where} have fewer than 2 images (the md protocol needs one "
+                             f"support and one query image per class), e.g. {short[:5]}")
 
     def __len__(self) -> int:
         return self.num_episodes

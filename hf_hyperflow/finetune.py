@@ -339,134 +339,155 @@ def finetune(
                     prefix_cache, state0)
 
 
-def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps, lr, seed, probability,
-         record_trajectory, augment_pool, prefix_cache, state0) -> FineTuneResult:
-    start = time.perf_counter()
-    full = groups[0] in WEIGHT_GROUPS
-    support_size = pixels.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    scale = adapter.drift.logit_scale.detach()
-    bias = adapter.drift.logit_bias.detach()
-    trained_backbone = full or bool({"lora", "shift"} & set(groups))
+class _FineTuning:
+    """One task's fine-tuning: what is optimised, the frozen prefix, pseudo-queries, the steps, the task at the end.
 
-    # What is optimised.
-    if full:
-        names = (set(_adapted_block_parameters(backbone)) if groups == ("blocks",)
-                 else {name for name, _ in backbone.named_parameters()})
-        parameters = {name: p.detach().clone().requires_grad_(True) for name, p in backbone.named_parameters()
-                      if name in names}
-        functional = _FunctionalEmbedder(backbone, parameters)
-        leaves = list(parameters.values())
-        state = None
-    else:
+    The generator is seeded once; its draws come in a fixed order (the augmented pool, then each step's
+    pseudo-queries), so that a seed gives the same run with the prefix cache or without.
+    """
+
+    def __init__(self, adapter, backbone, pixels, labels, num_classes, groups, seed, probability, augment_pool,
+                 prefix_cache, state0):
+        self.adapter, self.backbone, self.pixels, self.labels = adapter, backbone, pixels, labels
+        self.num_classes, self.groups, self.probability = num_classes, groups, probability
+        self.full = groups[0] in WEIGHT_GROUPS
+        self.generator = torch.Generator().manual_seed(seed)
+        self.scale = adapter.drift.logit_scale.detach()
+        self.bias = adapter.drift.logit_bias.detach()
+        self.trained_backbone = self.full or bool({"lora", "shift"} & set(groups))
+        self.parameters, self.state, self.leaves = self._trainable(state0)
+        self.prefix, self.clean_prefix = self._frozen_prefix(prefix_cache)
+        self.pool, self.pool_prefix = self._augmented_pool(augment_pool)
+        self.clean_features = None
+        if not self.trained_backbone:  # the backbone is fixed: clean features once
+            with torch.no_grad():
+                self.clean_features = self.features(pixels, self.clean_prefix)
+
+    def _trainable(self, state0):
+        """``(parameters, state, leaves)``: copies of backbone weights ('full' / 'blocks') or the state of one
+        task with the chosen groups requiring gradients."""
+        backbone, groups = self.backbone, self.groups
+        if self.full:
+            names = (set(_adapted_block_parameters(backbone)) if groups == ("blocks",)
+                     else {name for name, _ in backbone.named_parameters()})
+            parameters = {name: p.detach().clone().requires_grad_(True) for name, p in backbone.named_parameters()
+                          if name in names}
+            self.functional = _FunctionalEmbedder(backbone, parameters)
+            return parameters, None, list(parameters.values())
         chosen = set(groups)
         state = {k: (v.clone().requires_grad_(True) if parse_state_key(k)[0] in chosen else v)
                  for k, v in state0.items()}
-        leaves = [v for k, v in state.items() if parse_state_key(k)[0] in chosen]
+        return None, state, [v for k, v in state.items() if parse_state_key(k)[0] in chosen]
 
-    def delta_state() -> TaskState:
-        # Entries at theta_0 outside the chosen groups add exactly zero: leave them out of the forward pass.
-        return TaskState({k: v for k, v in state.items()
-                          if k != HEAD_KEY and (parse_state_key(k)[0] in groups)})
-
-    # Frozen prefix.
-    prefix = None
-    if groups != ("full",) and prefix_cache is not False:
-        prefix = FrozenPrefix.find(backbone)
-        if prefix is None and prefix_cache:
-            raise ValueError("prefix_cache=True, but this backbone has no block before its first HyperFlow layer; set "
-                             "HyperFlowConfig(first_adapted_block=...) to adapt only the last blocks.")
-    clean_prefix = None
-    if prefix is not None:
+    def _frozen_prefix(self, prefix_cache):
+        """``(prefix, its output for the clean support)``, or ``(None, None)`` without a cacheable prefix."""
+        if self.groups == ("full",) or prefix_cache is False:
+            return None, None
+        prefix = FrozenPrefix.find(self.backbone)
+        if prefix is None:
+            if prefix_cache:
+                raise ValueError("prefix_cache=True, but this backbone has no block before its first HyperFlow layer; "
+                                 "set HyperFlowConfig(first_adapted_block=...) to adapt only the last blocks.")
+            return None, None
         try:
-            clean_prefix = prefix.compute(pixels)
+            return prefix, prefix.compute(self.pixels)
         except Uncacheable as error:
             if prefix_cache:
                 raise ValueError(f"prefix_cache=True, but the frozen prefix cannot be cached: {error}.") from None
-            prefix = None
+            return None, None
 
-    def features(batch: torch.Tensor, cached) -> torch.Tensor:
+    def _augmented_pool(self, augment_pool):
+        """``augment_pool`` augmented copies of the support ``Tensor[N * S, 3, H, W]`` and their prefix output."""
+        if augment_pool is None:
+            return None, None
+        pool = torch.cat([diff_augment(self.pixels, self.generator, self.probability) for _ in range(augment_pool)])
+        if self.prefix is None:
+            return pool, None
+        return pool, cat_leaves([self.prefix.compute(copy) for copy in pool.split(self.pixels.shape[0])])
+
+    def features(self, batch: torch.Tensor, cached) -> torch.Tensor:
         """``Tensor[B, D]`` with the current weights; ``cached``: the batch's frozen-prefix output or None."""
         with contextlib.ExitStack() as stack:
-            stack.enter_context(skip_prefix(prefix, cached, batch.shape[0]))
-            if full:
-                return functional(batch)
-            delta = delta_state()
+            stack.enter_context(skip_prefix(self.prefix, cached, batch.shape[0]))
+            if self.full:
+                return self.functional(batch)
+            # Entries at theta_0 outside the chosen groups add exactly zero: leave them out of the forward pass.
+            delta = TaskState({k: v for k, v in self.state.items()
+                               if k != HEAD_KEY and parse_state_key(k)[0] in self.groups})
             if len(delta):
-                stack.enter_context(adapter.tuner.task_deltas(delta, [batch.shape[0]]))
-            return embed(backbone, batch)
+                stack.enter_context(self.adapter.tuner.task_deltas(delta, [batch.shape[0]]))
+            return embed(self.backbone, batch)
 
-    def concat(a, b):
-        return cat_leaves([a, b])
+    def pseudo_queries(self):
+        """This step's pseudo-query images ``Tensor[S, 3, H, W]`` and their frozen-prefix output (or None)."""
+        support_size = self.pixels.shape[0]
+        if self.pool is None:
+            pseudo = diff_augment(self.pixels, self.generator, self.probability)
+            return pseudo, self.prefix.compute(pseudo) if self.prefix is not None else None
+        copies = self.pool.shape[0] // support_size
+        rows = torch.randint(copies, (support_size,), generator=self.generator) * support_size + torch.arange(support_size)
+        pseudo = self.pool.index_select(0, rows.to(self.pool.device))
+        return pseudo, (select_images(self.pool_prefix, rows, self.pool.shape[0])
+                        if self.pool_prefix is not None else None)
 
-    # Pseudo-query pool.
-    pool = pool_prefix = None
-    if augment_pool is not None:
-        pool = torch.cat([diff_augment(pixels, generator, probability) for _ in range(augment_pool)])
-        if prefix is not None:
-            parts = [prefix.compute(copy) for copy in pool.split(support_size)]
-            pool_prefix = cat_leaves(parts)
-
-    clean_features = None
-    if not trained_backbone:  # the backbone is fixed: clean features once
-        with torch.no_grad():
-            clean_features = features(pixels, clean_prefix)
-
-    snapshots = []
-    losses: list[float] = []
-
-    def snapshot():
-        snapshots.append(TaskState({k: v.detach().clone() for k, v in state.items()}))
-
-    if record_trajectory:
-        snapshot()
-    optimizer = torch.optim.Adam(leaves, lr=lr, betas=(0.9, 0.999), weight_decay=0.0) if lr > 0 else None
-    image_index = torch.arange(support_size)
-    for _ in range(steps if lr > 0 else 0):
-        if pool is None:
-            pseudo = diff_augment(pixels, generator, probability)
-            pseudo_prefix = prefix.compute(pseudo) if prefix is not None else None
-        else:
-            rows = torch.randint(augment_pool, (support_size,), generator=generator) * support_size + image_index
-            pseudo = pool.index_select(0, rows.to(pool.device))
-            pseudo_prefix = (select_images(pool_prefix, rows, pool.shape[0]) if pool_prefix is not None else None)
-        if trained_backbone:
-            both = features(torch.cat([pixels, pseudo]),
-                            concat(clean_prefix, pseudo_prefix) if prefix is not None else None)
+    def loss(self) -> torch.Tensor:
+        """The support cross-entropy of this step's pseudo-queries against the support's prototypes."""
+        support_size = self.pixels.shape[0]
+        pseudo, pseudo_prefix = self.pseudo_queries()
+        if self.trained_backbone:
+            cached = cat_leaves([self.clean_prefix, pseudo_prefix]) if self.prefix is not None else None
+            both = self.features(torch.cat([self.pixels, pseudo]), cached)
             support_features, query_features = both[:support_size], both[support_size:]
         else:
             with torch.no_grad():
-                query_features = features(pseudo, pseudo_prefix)
-            support_features = clean_features
-        head = state[HEAD_KEY][0] if state is not None and HEAD_KEY in state else None
-        loss = _support_loss(query_features, support_features, labels, num_classes, head, scale, bias)
+                query_features = self.features(pseudo, pseudo_prefix)
+            support_features = self.clean_features
+        head = self.state[HEAD_KEY][0] if self.state is not None and HEAD_KEY in self.state else None
+        return _support_loss(query_features, support_features, self.labels, self.num_classes, head, self.scale,
+                             self.bias)
+
+    def snapshot(self) -> TaskState:
+        return TaskState({k: v.detach().clone() for k, v in self.state.items()})
+
+    @torch.no_grad()
+    def task(self, classes: list) -> AdaptedTask:
+        """The adapted task: prototypes from the final features of the clean support (plus the head delta)."""
+        features = (self.clean_features if self.clean_features is not None
+                    else self.features(self.pixels, self.clean_prefix))
+        prototypes = class_prototypes(features, self.labels, self.num_classes)
+        scale, bias, processor = self.scale.clone(), self.bias.clone(), self.adapter.image_processor
+        if self.full:
+            final = {k: v.detach() for k, v in self.parameters.items()}
+            return AdaptedTask(_FunctionalEmbedder(self.backbone, final), prototypes, scale, bias, classes, processor)
+        state = self.snapshot()
+        if HEAD_KEY in state:
+            prototypes = prototypes + state[HEAD_KEY][0]
+        return AdaptedTask(HyperFlowEmbedder(self.adapter.tuner, state), prototypes, scale, bias, classes, processor,
+                           state=state, tuner=self.adapter.tuner, config=self.adapter.config)
+
+
+def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps, lr, seed, probability,
+         record_trajectory, augment_pool, prefix_cache, state0) -> FineTuneResult:
+    start = time.perf_counter()
+    run = _FineTuning(adapter, backbone, pixels, labels, num_classes, groups, seed, probability, augment_pool,
+                      prefix_cache, state0)
+    snapshots = [run.snapshot()] if record_trajectory else []
+    losses: list[float] = []
+    optimizer = torch.optim.Adam(run.leaves, lr=lr, betas=(0.9, 0.999), weight_decay=0.0) if lr > 0 else None
+    for _ in range(steps if lr > 0 else 0):
+        loss = run.loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
         if record_trajectory:
-            snapshot()
+            snapshots.append(run.snapshot())
     if record_trajectory and lr == 0:
         snapshots.extend(snapshots[:1] * steps)
-
-    # The adapted task.
-    with torch.no_grad():
-        final_features = clean_features if clean_features is not None else features(pixels, clean_prefix)
-        prototypes = class_prototypes(final_features, labels, num_classes)
-        if full:
-            final = {k: v.detach() for k, v in parameters.items()}
-            task = AdaptedTask(_FunctionalEmbedder(backbone, final), prototypes, scale.clone(), bias.clone(), classes,
-                               adapter.image_processor)
-        else:
-            final_state = TaskState({k: v.detach().clone() for k, v in state.items()})
-            if HEAD_KEY in final_state:
-                prototypes = prototypes + final_state[HEAD_KEY][0]
-            task = AdaptedTask(HyperFlowEmbedder(adapter.tuner, final_state), prototypes, scale.clone(), bias.clone(),
-                               classes, adapter.image_processor, state=final_state, tuner=adapter.tuner,
-                               config=adapter.config)
+    task = run.task(classes)
     trajectory = TaskState.cat(snapshots) if record_trajectory else None
     return FineTuneResult(task=task, trajectory=trajectory, losses=losses, seconds=time.perf_counter() - start, lr=lr,
-                          steps=steps, groups=groups, prefix_cached=prefix is not None)
+                          steps=steps, groups=groups, prefix_cached=run.prefix is not None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -446,6 +446,42 @@ def record_trajectories(
     if not isinstance(adapter, HyperFlowAdapter):
         raise TypeError(f"adapter must be a HyperFlowAdapter, got {type(adapter).__name__}.")
     groups = check_groups(adapter, groups)
+    settings = _record_settings(groups, steps, lr, inits, noise_std, seed, augment_probability, augment_pool,
+                                snapshot_every, dtype, shard_size)
+    if accelerator is not None:
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        progress = progress and accelerator.is_main_process
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"Need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}.")
+    if not hasattr(episodes, "__len__") or not hasattr(episodes, "__getitem__"):
+        raise TypeError("episodes must be a sequence of episodes (e.g. an EpisodeSampler).")
+    if dataset is not None:
+        json.dumps(dataset)  # a TypeError here names what is not JSON-able
+    folder = Path(output_dir)
+    _open_store_on_every_rank(folder, _header(adapter, settings, dataset), resume, accelerator)
+    writer, done = _resume_writer(folder, rank, _DTYPES[dtype], shard_size)
+    todo = [(i, j) for i in range(rank, len(episodes), world_size) for j in range(inits) if f"{i}:{j}" not in done]
+    written: list[str] = []
+    bar = tqdm(total=len(todo), disable=not progress, desc=f"trajectories (rank {rank})", unit="traj")
+    try:
+        for i, j in todo:
+            record, stored = _fine_tune_trajectory(adapter, episodes[i], i, j, settings)
+            if callback is not None:
+                callback(record)
+            writer.add(record, stored.to_flat_dict())
+            written.append(record["id"])
+            bar.update(1)
+        writer.flush()
+    finally:
+        bar.close()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return written
+
+
+def _record_settings(groups, steps, lr, inits, noise_std, seed, augment_probability, augment_pool, snapshot_every,
+                     dtype, shard_size) -> dict:
+    """The checked settings of a recording, as the store's header keeps them."""
     if "full" in groups:
         raise ValueError("Trajectories are paths in the adapter's state: use state groups (lora / shift / head), not "
                          "'full'.")
@@ -458,33 +494,25 @@ def record_trajectories(
     check_int(shard_size, "shard_size", 1)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not a storage dtype: use one of {list(_DTYPES)}.")
-    if accelerator is not None:
-        rank, world_size = accelerator.process_index, accelerator.num_processes
-        if progress:
-            progress = accelerator.is_main_process
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-        raise ValueError(f"Need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}.")
-    if not hasattr(episodes, "__len__") or not hasattr(episodes, "__getitem__"):
-        raise TypeError("episodes must be a sequence of episodes (e.g. an EpisodeSampler).")
-    kept = snapshot_steps(steps, snapshot_every)
-    settings = {"groups": list(groups), "steps": steps, "lr": float(lr), "inits": inits, "noise_std": float(noise_std),
-                "seed": seed, "augment_probability": float(augment_probability), "augment_pool": augment_pool,
-                "snapshot_steps": kept, "dtype": dtype}
-    if dataset is not None:
-        json.dumps(dataset)  # a TypeError here names what is not JSON-able
+    return {"groups": list(groups), "steps": steps, "lr": float(lr), "inits": inits, "noise_std": float(noise_std),
+            "seed": seed, "augment_probability": float(augment_probability), "augment_pool": augment_pool,
+            "snapshot_steps": snapshot_steps(steps, snapshot_every), "dtype": dtype}
 
-    folder = Path(output_dir)
-    header = _header(adapter, settings, dataset)
+
+def _open_store_on_every_rank(folder: Path, header: dict, resume: bool, accelerator) -> None:
+    """The main process checks and creates the store; the others join the store it created."""
     if accelerator is None:
         _open_store(folder, header, resume)
-    else:  # the main process checks and creates the store; the others join the store it created
-        if accelerator.is_main_process:
-            _open_store(folder, header, resume)
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            _open_store(folder, header, resume=True)
+        return
+    if accelerator.is_main_process:
+        _open_store(folder, header, resume)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        _open_store(folder, header, resume=True)
 
-    # What is done already, and where this rank continues.
+
+def _resume_writer(folder: Path, rank: int, dtype: torch.dtype, shard_size: int) -> tuple[_Writer, set[str]]:
+    """This rank's shard writer, continuing after its committed shards, and the ids every rank has stored."""
     for stale in (folder / SHARD_DIR).glob(f".r{rank:03d}-*.tmp-*"):
         stale.unlink()
     done: set[str] = set()
@@ -497,43 +525,30 @@ def record_trajectories(
         if shard_rank == rank:
             committed.append({"file": shard.name, "ids": ids})
             sequence = max(sequence, shard_sequence + 1)
-    writer = _Writer(folder, rank, _DTYPES[dtype], shard_size, sequence, committed)
+    writer = _Writer(folder, rank, dtype, shard_size, sequence, committed)
     writer.write_index()
-    todo = [(i, j) for i in range(rank, len(episodes), world_size) for j in range(inits) if f"{i}:{j}" not in done]
+    return writer, done
 
-    written: list[str] = []
-    bar = tqdm(total=len(todo), disable=not progress, desc=f"trajectories (rank {rank})", unit="traj")
-    try:
-        for i, j in todo:
-            episode = episodes[i]
-            pixel_values = adapter.pixel_values(episode.support_images)
-            labels = torch.as_tensor(episode.support_labels, dtype=torch.long, device=pixel_values.device)
-            num_classes = int(labels.max()) + 1
-            start = initial_state(adapter, num_classes)
-            if j > 0 and noise_std > 0:
-                generator = torch.Generator().manual_seed(_derived_seed(seed, i, j, 1))
-                start = TaskState({
-                    k: (v + noise_std * torch.randn(v.shape, generator=generator).to(v)
-                        if parse_state_key(k)[0] in groups else v)
-                    for k, v in start.items()})
-            result = finetune(adapter, pixel_values, labels, groups=groups, steps=steps, lr=lr,
-                              seed=_derived_seed(seed, i, j), augment_probability=augment_probability,
-                              augment_pool=augment_pool, record_trajectory=True, initial=start,
-                              classes=list(episode.classes))
-            trajectory = result.trajectory.select(kept)
-            stored = TaskState({k: v for k, v in trajectory.items() if parse_state_key(k)[0] in groups})
-            record = {"id": f"{i}:{j}", "episode": i, "init": j, "spec": dict(episode.spec),
-                      "classes": [c if isinstance(c, (int, str)) else str(c) for c in episode.classes],
-                      "lr": float(lr), "steps": steps, "groups": list(groups), "seconds": result.seconds,
-                      "losses": result.losses, "prefix_cached": result.prefix_cached}
-            if callback is not None:
-                callback(record)
-            writer.add(record, stored.to_flat_dict())
-            written.append(record["id"])
-            bar.update(1)
-        writer.flush()
-    finally:
-        bar.close()
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return written
+
+def _fine_tune_trajectory(adapter: HyperFlowAdapter, episode, i: int, j: int, settings: dict
+                          ) -> tuple[dict, TaskState]:
+    """Fine-tune initialisation ``j`` of episode ``i``; its record and its kept snapshots of the chosen groups."""
+    groups, seed = tuple(settings["groups"]), settings["seed"]
+    pixel_values = adapter.pixel_values(episode.support_images)
+    labels = torch.as_tensor(episode.support_labels, dtype=torch.long, device=pixel_values.device)
+    start = initial_state(adapter, int(labels.max()) + 1)
+    if j > 0 and settings["noise_std"] > 0:
+        generator = torch.Generator().manual_seed(_derived_seed(seed, i, j, 1))
+        start = TaskState({k: (v + settings["noise_std"] * torch.randn(v.shape, generator=generator).to(v)
+                               if parse_state_key(k)[0] in groups else v) for k, v in start.items()})
+    result = finetune(adapter, pixel_values, labels, groups=groups, steps=settings["steps"], lr=settings["lr"],
+                      seed=_derived_seed(seed, i, j), augment_probability=settings["augment_probability"],
+                      augment_pool=settings["augment_pool"], record_trajectory=True, initial=start,
+                      classes=list(episode.classes))
+    trajectory = result.trajectory.select(settings["snapshot_steps"])
+    stored = TaskState({k: v for k, v in trajectory.items() if parse_state_key(k)[0] in groups})
+    record = {"id": f"{i}:{j}", "episode": i, "init": j, "spec": dict(episode.spec),
+              "classes": [c if isinstance(c, (int, str)) else str(c) for c in episode.classes],
+              "lr": settings["lr"], "steps": settings["steps"], "groups": list(groups), "seconds": result.seconds,
+              "losses": result.losses, "prefix_cached": result.prefix_cached}
+    return record, stored

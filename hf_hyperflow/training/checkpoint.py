@@ -43,8 +43,8 @@ def resume_checkpoint(output_dir: Path, resume: bool | str | os.PathLike) -> Pat
     """
     if not resume:
         if list_checkpoints(output_dir):
-            raise ValueError(f"output_dir={str(output_dir)!r} holds checkpoints of an earlier run: pass resume=True (recipes/train.py: --resume true) to "
-                             f"continue it, or choose another output_dir.")
+            raise ValueError(f"output_dir={str(output_dir)!r} holds checkpoints of an earlier run: pass resume=True "
+                             f"(recipes/train.py: --resume true) to continue it, or choose another output_dir.")
         return None
     checkpoint = Path(resume) if not isinstance(resume, bool) else (list_checkpoints(output_dir) or [None])[-1]
     if checkpoint is not None and not (checkpoint / TRAINER_STATE).is_file():

@@ -181,7 +181,7 @@ class DatasetSection:
         if not self.source:
             raise ValueError(f"{key}.source is missing: give a save_to_disk folder, parquet, image folder or Hub id.")
         if self.builder is None:
-            _must_exist(self.source, f"{key}.source", f". Build it first (python -m recipes.data.build --name NAME "
+            _must_exist(self.source, f"{key}.source", f". Build it first (hf-hyperflow data build --name NAME "
                                                       f"--output {self.source}) or set {key}.builder to build it")
         if self.max_classes is not None:
             check_int(self.max_classes, f"{key}.max_classes", 2)
