@@ -2,10 +2,16 @@
 
     hf-hyperflow adapt --backbone DIR_OR_ID --adapter DIR_OR_ID --support FOLDER --output TASK_DIR
     hf-hyperflow predict --task TASK_DIR IMAGE_OR_FOLDER... [--csv predictions.csv]
+    hf-hyperflow train --config FILE [--section.key VALUE ...]
+    hf-hyperflow evaluate --backbone DIR_OR_ID --adapter DIR_OR_ID --datasets "[PATH, ...]" --output DIR [...]
+    hf-hyperflow push --folder DIR --repo_id NAMESPACE/NAME [...]
+    hf-hyperflow data build --name NAME --output DIR  |  hf-hyperflow data list
 
-``FOLDER`` holds one subfolder of images per class (``FOLDER/cat/1.jpg``, ``FOLDER/dog/2.png``...).
-Errors in what was given (a folder that cannot be a task, a missing file, an unreadable image) print one
-line, ``hf-hyperflow: error: ...``, and exit with status 1; a wrong command line exits with status 2.
+``FOLDER`` holds one subfolder of images per class (``FOLDER/cat/1.jpg``, ``FOLDER/dog/2.png``...). train,
+evaluate and push take the options of recipes/train.py, recipes/evaluate.py and recipes/push.py (values read as
+YAML; ``COMMAND --help`` lists them). Errors in what was given (a folder that cannot be a task, a missing file, an
+unreadable image) print one line, ``hf-hyperflow: error: ...``, and exit with status 1; a wrong command line
+(an unknown option or key, a bad value) exits with status 2.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,15 +95,38 @@ def _add_data(commands) -> None:
     listing.set_defaults(run=run_data_list)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+CONFIG_COMMANDS = {
+    "train": ("meta-train a drift network from a YAML config",
+              "Meta-train a HyperFlow drift network (one process; several: accelerate launch recipes/train.py)."),
+    "evaluate": ("evaluate methods on seeded few-shot episodes",
+                 "Evaluate direct transfer, fine-tuning and HyperFlow on the same seeded episodes."),
+    "push": ("push an adapter or task folder to the Hub with its model card",
+             "Render the model card of a saved adapter or task folder and push the folder to the Hub."),
+}
 
+
+def _add_config_commands(commands) -> None:
+    """train / evaluate / push: their options are the fields of a draccus config (hf_hyperflow.commands), parsed
+    by :func:`run_config_command`, not by argparse."""
+    for name, (short, description) in CONFIG_COMMANDS.items():
+        parser = commands.add_parser(name, help=short, description=description, add_help=False)
+        parser.set_defaults(run=None, config_command=name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("hf-hyperflow")
+    except PackageNotFoundError:
+        __version__ = "unknown"
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_adapt(commands)
     _add_predict(commands)
+    _add_config_commands(commands)
     _add_data(commands)
     return parser
 
@@ -220,23 +250,124 @@ def run_data_list(args: argparse.Namespace) -> None:
         print(f"{name}\t{'sources at hand' if missing is None else 'sources fetched when built: ' + missing}")
 
 
+def _parse_config_command(name: str, options: list[str]):
+    """The config of ``hf-hyperflow NAME OPTIONS`` (``--help`` prints its options and exits with status 0).
+
+    Raises:
+        ValueError / TypeError / FileNotFoundError: an unknown key, a bad value, a missing config file.
+    """
+    from .parsing import parse
+
+    prog = f"{PROG} {name}"
+    if name == "train":
+        from .commands.train import parse_train_command, print_train_help
+
+        if "--help" in options or "-h" in options:
+            print_train_help(prog)
+        return parse_train_command(options)
+    if name == "evaluate":
+        from .commands.evaluate import EvaluateConfig
+
+        return parse(EvaluateConfig, options, prog=prog)
+    from .commands.push import PushConfig
+
+    return parse(PushConfig, options, prog=prog)
+
+
+def _train(command) -> int:
+    """Train, then print one summary line."""
+    from .commands.train import DriftMismatchError, run_train
+
+    try:
+        summary = run_train(command)
+    except DriftMismatchError as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    best = "" if summary["best_step"] is None else (
+        f"; best validation accuracy {summary['best_accuracy']:.4f} at step {summary['best_step']}")
+    print(f"Trained to step {summary['step']} in {summary['train_seconds']} s{best}; adapters saved to "
+          f"{summary['output_dir']}/best and {summary['output_dir']}/final", flush=True)
+    return 0
+
+
+def _evaluate(config, options: list[str]) -> int:
+    """Evaluate, print the results table and the files written."""
+    import shlex
+
+    from .commands.evaluate import run_evaluate
+
+    _, paths = run_evaluate(config, " ".join([PROG, "evaluate", *map(shlex.quote, options)]))
+    print(paths["markdown"].read_text())
+    print(f"Wrote {', '.join(path.name for path in paths.values())} to {config.output}")
+    return 0
+
+
+def _push(config) -> int:
+    """Write the model card, then (unless --card_only) push the folder; one line each."""
+    from .commands.push import run_push, write_card
+
+    print(f"Wrote {write_card(config)}", flush=True)
+    if config.card_only:
+        return 0
+    info = run_push(config)
+    print(f"Pushed {config.folder} to {info.repo_url.repo_id if info.repo_url else config.repo_id}: commit "
+          f"{info.oid} (load this version with revision={info.oid!r})")
+    return 0
+
+
+def config_command(name: str, options: list[str]):
+    """What ``hf-hyperflow train|evaluate|push OPTIONS`` will do (a callable returning the exit status), or the
+    exit status of a wrong command line (2, usage and error printed) or of a finished one (``--print_config``)."""
+    try:
+        config = _parse_config_command(name, options)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        usage = "--config FILE [--section.key VALUE ...]" if name == "train" else "[--key VALUE ...]"
+        print(f"usage: {PROG} {name} [--help] {usage}\n{PROG} {name}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    if name == "train" and config.print_config:
+        import json
+
+        print(json.dumps(config.to_dict(), indent=1))
+        return 0
+    if name == "evaluate":
+        return lambda: _evaluate(config, options)
+    return lambda: (_train if name == "train" else _push)(config)
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 done, 1 an error in what was given, 2 a usage error)."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 done, 1 an error in what was given, 2 a usage error,
+    130 interrupted, 141 standard output closed early, as when killed by SIGPIPE)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader of standard output stopped (``| head``): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    name = getattr(args, "config_command", None)
+    if name is None and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    work = config_command(name, rest) if name is not None else lambda: args.run(args)
+    if isinstance(work, int):
+        return work
     try:
         with _library_bars(sys.stderr.isatty()):
-            args.run(args)
+            return work() or 0
+    except BrokenPipeError:
+        raise
     except (ValueError, OSError, ImportError, LookupError) as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import textwrap
 import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 import draccus
 from draccus.utils import DecodingError, DraccusException
 
-__all__ = ["option", "parse", "decode"]
+__all__ = ["option", "parse", "decode", "print_help", "help_text"]
 
 T = TypeVar("T")
 
@@ -37,16 +38,87 @@ def option(help: str, default: Any = None) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def parse(config_class: type[T], args: Sequence[str]) -> T:
-    """``config_class`` from command-line tokens (``--config_path FILE`` reads a YAML file first).
+def parse(config_class: type[T], args: Sequence[str], prog: str | None = None) -> T:
+    """``config_class`` from command-line tokens (``--config_path FILE`` reads a YAML file first); ``--help``
+    prints every option (under ``prog``) and exits with status 0.
 
     Raises:
         ValueError / TypeError: an unknown key, a value of the wrong type, or the config's own check.
     """
+    if "--help" in args or "-h" in args:
+        print_help(config_class, prog or "")
     try:
-        return draccus.parse(config_class, args=list(args), exit_on_error=False)
+        return draccus.parse(config_class, args=list(args), prog=prog, exit_on_error=False)
     except (DraccusException, argparse.ArgumentError) as error:
         raise _user_error(error, config_class) from None
+
+
+def print_help(config_class: type, prog: str, usage: str | None = None, description: str | None = None,
+               config_flag: tuple[str, str] = ("--config_path", "a YAML file of these options (the ones given "
+                                                                 "override it)")) -> None:
+    """Print ``prog --help``: every key of ``config_class`` (dotted for sections) with its type, help and default,
+    then exit with status 0. ``config_flag``: the flag that reads a YAML file, and its help."""
+    print(help_text(config_class, prog, usage, description, config_flag))
+    raise SystemExit(0)
+
+
+def help_text(config_class: type, prog: str, usage: str | None = None, description: str | None = None,
+              config_flag: tuple[str, str] = ("--config_path", "a YAML file of these options (the ones given "
+                                                               "override it)")) -> str:
+    """The text of :func:`print_help` (the fields' ``help`` metadata, which draccus's own help does not show)."""
+    lines = [f"usage: {usage or prog + ' [--config_path FILE] [--key VALUE ...]'}", ""]
+    if description or config_class.__doc__:
+        lines += [" ".join((description or config_class.__doc__).split()), ""]
+    lines += ["Values are read as YAML: --key '[a, b]', --key '{a: 1}', --key true, --key null.", "",
+              "options:", _help_row("-h, --help", "show this help and exit")]
+    lines.append(_help_row(f"{config_flag[0]} FILE", config_flag[1]))
+    _field_rows(config_class, "", lines)
+    return "\n".join(lines)
+
+
+def _help_row(flag: str, text: str) -> str:
+    """``  --flag TYPE   text`` with the text wrapped in a column (below the flag when the flag is long)."""
+    column = " " * 37
+    body = textwrap.fill(text, width=110, initial_indent=column, subsequent_indent=column) if text else ""
+    if len(flag) <= 34:
+        return f"  {flag:<34} {body[37:]}".rstrip()
+    return f"  {flag}\n{body}".rstrip()
+
+
+def _field_rows(section: type, prefix: str, lines: list[str]) -> None:
+    hints = typing.get_type_hints(section)
+    nested = []
+    for field in dataclasses.fields(section):
+        kind = _without_none(hints[field.name])
+        element = typing.get_args(kind)[0] if typing.get_origin(kind) is list and typing.get_args(kind) else None
+        if dataclasses.is_dataclass(kind) or dataclasses.is_dataclass(element):
+            nested.append((field.name, kind if dataclasses.is_dataclass(kind) else element,
+                           element is not None))
+            continue
+        text = " ".join(str(field.metadata.get("help", "")).split())
+        default = _default(field)
+        if default is not dataclasses.MISSING:
+            text += f" (default: {default!r})"
+        lines.append(_help_row(f"--{prefix}{field.name} {_type_name(hints[field.name])}", text.strip()))
+    for name, kind, is_list in nested:
+        doc = " ".join((kind.__doc__ or "").split())
+        lines += ["", f"{prefix}{name}" + (" (a list, given whole: --" + prefix + name + " '[{...}, ...]'; each item "
+                                              "has these keys)" if is_list else "") + (f": {doc}" if doc else "")]
+        _field_rows(kind, f"{prefix}{name}{'[].' if is_list else '.'}", lines)
+
+
+def _default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__.upper()
+    return str(tp).replace("typing.", "").replace("NoneType", "None").upper()
 
 
 def decode(config_class: type[T], data: dict) -> T:
