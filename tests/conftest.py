@@ -250,3 +250,47 @@ def changed_results(change) -> dict:
     return data
 
 
+# ------------------------------------------------------------------------------------------------ labelled datasets
+def png(value: int, size: int = 4, mode: str = "L") -> dict:
+    """A tiny image whose pixels all equal ``value`` (so a decoded image tells which row it came from)."""
+    import io
+
+    from PIL import Image
+
+    if mode == "RGBA":
+        image = Image.new("RGBA", (size, size), (value, value, value, 0))
+    elif mode == "P":
+        image = Image.new("P", (size, size), 0)
+        image.putpalette([value, 255 - value, 7] * 256)
+    else:
+        image = Image.new(mode, (size, size), value if mode == "L" else (value, 0, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def make_dataset(counts: list[int], label_kind: str = "classlabel", groups: list[str] | None = None,
+                 label_name: str = "label"):
+    """``counts[c]`` rows of class c; image pixel value = row % 256. Rows of a class are interleaved."""
+    import datasets
+    import numpy as np
+
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    order = np.random.default_rng(123).permutation(len(labels))
+    labels = [labels[i] for i in order]
+    names = [f"class{c:03d}" for c in range(len(counts))]
+    columns = {"image": [png(r % 256) for r in range(len(labels))]}
+    if label_kind == "classlabel":
+        columns[label_name] = labels
+        label_feature = datasets.ClassLabel(names=names)
+    elif label_kind == "int":
+        columns[label_name] = [100 + c for c in labels]
+        label_feature = datasets.Value("int64")
+    else:
+        columns[label_name] = [names[c] for c in labels]
+        label_feature = datasets.Value("string")
+    features = {"image": datasets.Image(), label_name: label_feature}
+    if groups is not None:
+        columns["group"] = [groups[c] for c in labels]
+        features["group"] = datasets.Value("string")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))

@@ -1,19 +1,18 @@
-"""Episode samplers and class splits over Hugging Face Datasets."""
+"""Episode samplers over Hugging Face Datasets: the protocols' rules, seeding, sharding, decoding."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import make_dataset, png
 from PIL import Image
 
 from hf_hyperflow.episodes import (
@@ -22,48 +21,8 @@ from hf_hyperflow.episodes import (
     ClassSplit,
     Episode,
     EpisodeSampler,
-    LabelIndex,
-    load_image_dataset,
     to_rgb,
 )
-
-
-def png(value: int, size: int = 4, mode: str = "L") -> dict:
-    """A tiny image whose pixels all equal ``value`` (so a decoded image tells which row it came from)."""
-    if mode == "RGBA":
-        image = Image.new("RGBA", (size, size), (value, value, value, 0))
-    elif mode == "P":
-        image = Image.new("P", (size, size), 0)
-        image.putpalette([value, 255 - value, 7] * 256)
-    else:
-        image = Image.new(mode, (size, size), value if mode == "L" else (value, 0, 0))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return {"bytes": buffer.getvalue(), "path": None}
-
-
-def make_dataset(counts: list[int], label_kind: str = "classlabel", groups: list[str] | None = None,
-                 label_name: str = "label") -> datasets.Dataset:
-    """``counts[c]`` rows of class c; image pixel value = row % 256. Rows of a class are interleaved."""
-    labels = [c for c, n in enumerate(counts) for _ in range(n)]
-    order = np.random.default_rng(123).permutation(len(labels))
-    labels = [labels[i] for i in order]
-    names = [f"class{c:03d}" for c in range(len(counts))]
-    columns = {"image": [png(r % 256) for r in range(len(labels))]}
-    if label_kind == "classlabel":
-        columns[label_name] = labels
-        label_feature = datasets.ClassLabel(names=names)
-    elif label_kind == "int":
-        columns[label_name] = [100 + c for c in labels]
-        label_feature = datasets.Value("int64")
-    else:
-        columns[label_name] = [names[c] for c in labels]
-        label_feature = datasets.Value("string")
-    features = {"image": datasets.Image(), label_name: label_feature}
-    if groups is not None:
-        columns["group"] = [groups[c] for c in labels]
-        features["group"] = datasets.Value("string")
-    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
 def row_labels(dataset: datasets.Dataset, column: str = "label") -> np.ndarray:
@@ -266,53 +225,6 @@ def test_indices_refer_to_rows_of_a_shuffled_selected_view():
                 view[row]["image"].getpixel((0, 0))
 
 
-@pytest.mark.parametrize("kind", ["int", "str"])
-def test_int_and_string_label_columns_are_detected(kind):
-    name = {"int": "labels", "str": "class"}[kind]
-    dataset = make_dataset([6, 7, 8, 9], label_kind=kind, label_name=name)
-    sampler = EpisodeSampler(dataset, ways=4, shots=2, queries=3, split=None)
-    assert sampler.label_column == name
-    expected = [str(100 + c) for c in range(4)] if kind == "int" else [f"class{c:03d}" for c in range(4)]
-    assert sampler.class_names == expected
-    episode = sampler[0]
-    values = dataset[episode.support_indices][name]
-    assert [str(v) for v in values] == [episode.classes[k] for k in episode.support_labels.tolist()]
-
-
-def test_column_overrides():
-    dataset = make_dataset([6, 6, 6], label_kind="str", label_name="species").add_column(
-        "thumb", [png(1)] * 18).cast_column("thumb", datasets.Image())
-    with pytest.raises(ValueError, match=r"several Image columns \['image', 'thumb'\]: pass image_column="):
-        EpisodeSampler(dataset, ways=3, shots=1, queries=1, split=None)
-    with pytest.raises(ValueError, match=r"no label column among .*pass label_column="):
-        EpisodeSampler(dataset, ways=3, shots=1, queries=1, split=None, image_column="thumb")
-    sampler = EpisodeSampler(dataset, ways=3, shots=1, queries=1, split=None, image_column="thumb",
-                             label_column="species")
-    assert sampler[0].support_images[0].getpixel((0, 0)) == (1, 1, 1)
-
-
-def test_column_errors():
-    dataset = make_dataset([6, 6, 6])
-    with pytest.raises(ValueError, match=r"image_column 'img' is not a column; columns are \['image', 'label'\]"):
-        EpisodeSampler(dataset, ways=3, shots=1, queries=1, split=None, image_column="img")
-    with pytest.raises(TypeError, match=r"column 'label' is .* not an Image feature; cast it"):
-        EpisodeSampler(dataset, ways=3, shots=1, queries=1, split=None, image_column="label")
-    with pytest.raises(ValueError, match=r"label_column 'y' is not a column"):
-        EpisodeSampler(dataset, ways=3, shots=1, queries=1, split=None, label_column="y")
-    with pytest.raises(TypeError, match=r"label column 'image' is .* must be a ClassLabel, an integer or a string"):
-        EpisodeSampler(dataset, ways=3, shots=1, queries=1, split=None, label_column="image")
-    no_image = dataset.remove_columns("image")
-    with pytest.raises(ValueError, match=r"no Image column among \['label'\]; pass image_column="):
-        EpisodeSampler(no_image, ways=3, shots=1, queries=1, split=None)
-    two = dataset.add_column("coarse", [0] * len(dataset)).cast_column("coarse", datasets.ClassLabel(names=["a"]))
-    with pytest.raises(ValueError, match=r"several ClassLabel columns \['label', 'coarse'\]: pass label_column="):
-        EpisodeSampler(two, ways=3, shots=1, queries=1, split=None)
-    assert EpisodeSampler(two, ways=3, shots=1, queries=1, split=None, label_column="label").label_column == "label"
-    named = make_dataset([4, 4], label_kind="int", label_name="label").add_column("labels", [1] * 8)
-    with pytest.raises(ValueError, match=r"several candidate label columns \['label', 'labels'\]"):
-        EpisodeSampler(named, ways=2, shots=1, queries=1, split=None)
-
-
 def test_sampler_errors_come_before_any_work():
     dataset = make_dataset([10, 10, 10, 4])
     with pytest.raises(ValueError, match=r"the dataset has 4 classes, fewer than ways=5; lower ways"):
@@ -360,106 +272,6 @@ def test_default_split_is_the_test_classes_of_the_default_class_split():
         assert set(sampler.plan(i).classes) <= set(expected.test)
     train = EpisodeSampler(dataset, ways=5, shots=2, queries=2, split="train", class_split=expected)
     assert train.class_names == list(expected.train)
-
-
-def test_class_split_is_deterministic_and_covers_every_class():
-    dataset = make_dataset([3] * 40)
-    split = ClassSplit.from_dataset(dataset, seed=4)
-    assert split == ClassSplit.from_dataset(dataset, seed=4)
-    assert split != ClassSplit.from_dataset(dataset, seed=5)
-    assert (len(split.train), len(split.validation), len(split.test)) == (28, 6, 6)
-    assert sorted(split.classes(None)) == dataset.features["label"].names
-    small = ClassSplit.from_dataset(make_dataset([3] * 3), fractions=(0.8, 0.1, 0.1))
-    assert (len(small.train), len(small.validation), len(small.test)) == (1, 1, 1)
-    test_only = ClassSplit.from_dataset(dataset, fractions=(0, 0, 1))
-    assert len(test_only.test) == 40 and not test_only.train
-    with pytest.raises(ValueError, match=r"fractions must be non-negative and sum to 1, got \(0.5, 0.5, 0.5\)"):
-        ClassSplit.from_dataset(dataset, fractions=(0.5, 0.5, 0.5))
-    with pytest.raises(ValueError, match=r"class 'a' is in both the train and the test split"):
-        ClassSplit(train=("a", "b"), validation=(), test=("a",))
-    with pytest.raises(ValueError, match=r"split must be one of"):
-        split.classes("dev")
-
-
-def test_class_split_holds_out_whole_groups(tmp_path):
-    groups = [f"script{c // 4:02d}" for c in range(48)]      # 12 groups of 4 classes
-    dataset = make_dataset([3] * 48, groups=groups)
-    split = ClassSplit.from_dataset(dataset, group_column="group", seed=1)
-    assert split == ClassSplit.from_dataset(dataset, group_column="group", seed=1)
-    group_of = {f"class{c:03d}": groups[c] for c in range(48)}
-    split_groups = {name: {group_of[c] for c in split.classes(name)} for name in ("train", "validation", "test")}
-    assert not split_groups["train"] & split_groups["test"] and not split_groups["train"] & split_groups["validation"]
-    assert not split_groups["validation"] & split_groups["test"]
-    assert {k: set(v) for k, v in split.groups.items()} == split_groups
-    assert sorted(split.classes(None)) == sorted(group_of)
-    # whole groups of 4 classes: 48 * (0.7, 0.15, 0.15) = (33.6, 7.2, 7.2) -> 8, 2, 2 groups
-    assert [len(split.groups[s]) for s in ("train", "validation", "test")] == [8, 2, 2]
-    path = tmp_path / "split.json"
-    split.save(path)
-    loaded = ClassSplit.load(path)
-    assert loaded == split and loaded.groups == split.groups and loaded.group_column == "group"
-    assert json.loads(path.read_text())["test"] == list(split.test)
-    with pytest.raises(ValueError, match=r"group column 'group' has 2 groups but 3 splits have a non-zero fraction"):
-        ClassSplit.from_dataset(make_dataset([3] * 4, groups=["a", "a", "b", "b"]), group_column="group")
-    mixed = make_dataset([3, 3], groups=["a", "b"])
-    mixed = mixed.map(lambda row, i: {"group": "c" if i == 0 else row["group"]}, with_indices=True)
-    with pytest.raises(ValueError, match=r"belongs to several 'group' groups"):
-        ClassSplit.from_dataset(mixed, group_column="group", fractions=(1, 0, 0))
-    with pytest.raises(ValueError, match=r"group_column 'script' is not a column"):
-        ClassSplit.from_dataset(dataset, group_column="script")
-
-
-def test_class_split_from_dict_checks_its_input():
-    split = ClassSplit.from_dict({"train": ["a"], "test": ["b", "c"]})
-    assert split.validation == () and split.classes("test") == ("b", "c")
-    with pytest.raises(ValueError, match=r"unknown keys \['dev'\]"):
-        ClassSplit.from_dict({"train": ["a"], "dev": ["b"]})
-    with pytest.raises(ValueError, match=r"needs class names under at least one of"):
-        ClassSplit.from_dict({"train": []})
-    with pytest.raises(TypeError, match=r"class names must be strings"):
-        ClassSplit.from_dict({"train": [1, 2]})
-
-
-def test_label_index_is_fast_on_many_rows():
-    n = 200_000
-    labels = np.random.default_rng(0).integers(0, 1000, n)
-    image = png(0)
-    dataset = datasets.Dataset.from_dict(
-        {"image": [image] * n, "label": labels},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=1000)}))
-    start = time.perf_counter()
-    index = LabelIndex.build(dataset, "label")
-    elapsed = time.perf_counter() - start
-    assert elapsed < 3.0, f"per-class index took {elapsed:.1f} s"
-    assert index.counts().tolist() == np.bincount(labels, minlength=1000).tolist()
-    assert np.array_equal(index.rows(17), np.nonzero(labels == 17)[0])
-
-
-def test_load_image_dataset_from_local_sources(tmp_path):
-    dataset = make_dataset([3, 3])
-    dataset.save_to_disk(str(tmp_path / "disk"))
-    assert load_image_dataset(tmp_path / "disk")["label"][:6] == dataset["label"][:6]
-    datasets.DatasetDict({"train": dataset, "test": dataset.select(range(2))}).save_to_disk(str(tmp_path / "dict"))
-    assert len(load_image_dataset(str(tmp_path / "dict"), split="test")) == 2
-    with pytest.raises(ValueError, match=r"split 'validation' is not in .*; its splits are \['test', 'train'\]"):
-        load_image_dataset(str(tmp_path / "dict"), split="validation")
-    dataset.to_parquet(str(tmp_path / "data.parquet"))
-    from_parquet = load_image_dataset(str(tmp_path / "data.parquet"))
-    assert len(from_parquet) == 6 and isinstance(from_parquet.features["image"], datasets.Image)
-    for name in ("cat", "dog"):
-        (tmp_path / "folder" / name).mkdir(parents=True)
-        for k in range(3):
-            Image.new("RGB", (4, 4), (k, 0, 0)).save(tmp_path / "folder" / name / f"{k}.png")
-    folder = load_image_dataset(str(tmp_path / "folder"))
-    assert len(folder) == 6 and folder.features["label"].names == ["cat", "dog"]
-    episode = EpisodeSampler(folder, ways=2, shots=1, queries=2, split=None)[0]
-    assert sorted(episode.classes) == ["cat", "dog"] and episode.support_images[0].mode == "RGB"
-    assert load_image_dataset(dataset) is dataset
-    with pytest.raises(ValueError, match=r"does not exist"):
-        load_image_dataset(str(tmp_path / "missing"))
-    (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"is a file but not a .parquet file"):
-        load_image_dataset(tmp_path / "notes.txt")
 
 
 def test_md_bounds_lower_ways_and_support():
