@@ -87,7 +87,7 @@ def default_image_processor(backbone: nn.Module, image_size: int):
         mean, std = pretrained_cfg.get("mean", mean), pretrained_cfg.get("std", std)
     if name and os.path.isdir(name):
         try:
-            own = AutoImageProcessor.from_pretrained(name)
+            own = AutoImageProcessor.from_pretrained(name, backend="pil")  # the same pixels with or without torchvision
         except (OSError, ValueError):
             own = None
         if own is not None:

@@ -85,3 +85,38 @@ def test_grayscale_rgba_and_palette_images_are_converted(adapter):
         assert task.logits(images).shape == (4, 2)
     # RGBA of an opaque RGB image is the same image
     torch.testing.assert_close(adapter.adapt(rgba, labels).logits(rgb), adapter.adapt(rgb, labels).logits(rgb))
+
+
+def test_the_backbones_own_processor_is_read_without_a_backend_notice(tmp_path):
+    """A backbone folder's own image processor is read with the PIL backend, the one the package uses: the same
+    pixels with or without torchvision, and no "Requested torchvision backend is not available" line."""
+    import json
+    import logging
+
+    from transformers import AutoModel
+    from transformers.utils import logging as transformers_logging
+
+    from hf_hyperflow.inputs import default_image_processor
+
+    make_backbone("timm_wrapper").save_pretrained(tmp_path / "backbone")
+    config = json.loads((tmp_path / "backbone" / "config.json").read_text())
+    config["pretrained_cfg"] = {"input_size": [3, 48, 48], "interpolation": "bicubic", "mean": [0.5] * 3,
+                                "std": [0.5] * 3, "crop_pct": 1.0, "crop_mode": "center"}  # as a timm checkpoint has
+    (tmp_path / "backbone" / "config.json").write_text(json.dumps(config))
+    backbone = AutoModel.from_pretrained(tmp_path / "backbone")
+    logging.Logger.warning_once.cache_clear()  # transformers says each notice once per process
+    notices = []
+    handler = logging.Handler()
+    handler.emit = notices.append
+    logging.getLogger("transformers").addHandler(handler)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()  # the tests run at "error" (conftest); a user sees warnings
+    try:
+        processor = default_image_processor(backbone, IMAGE_SIZE)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        logging.getLogger("transformers").removeHandler(handler)
+    assert [n.getMessage() for n in notices if "backend" in n.getMessage()] == []
+    pixels = processor(Image.new("RGB", (40, 40), (255, 0, 0)), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(pixels[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))  # the checkpoint's mean / std
