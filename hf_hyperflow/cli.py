@@ -97,7 +97,8 @@ def _add_data(commands) -> None:
 
 CONFIG_COMMANDS = {
     "train": ("meta-train a drift network from a YAML config",
-              "Meta-train a HyperFlow drift network (one process; several: accelerate launch recipes/train.py)."),
+              "Meta-train a HyperFlow drift network (one process; several: accelerate launch [...] -m "
+              "hf_hyperflow.cli train --config FILE)."),
     "evaluate": ("evaluate methods on seeded few-shot episodes",
                  "Evaluate direct transfer, fine-tuning and HyperFlow on the same seeded episodes."),
     "push": ("push an adapter or task folder to the Hub with its model card",
@@ -283,6 +284,10 @@ def _train(command) -> int:
     except DriftMismatchError as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 1
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     best = "" if summary["best_step"] is None else (
         f"; best validation accuracy {summary['best_accuracy']:.4f} at step {summary['best_step']}")
     print(f"Trained to step {summary['step']} in {summary['train_seconds']} s{best}; adapters saved to "
