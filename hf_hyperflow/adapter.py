@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +23,24 @@ from peft import PeftModel, get_peft_model
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 from torch.profiler import record_function
-from transformers import AutoImageProcessor
 
-from .backbones import backbone_fingerprint, embed, model_type_of
+from .backbones import check_backbone, embed, model_type_of
 from .backbones import images_per_pass as default_images_per_pass
 from .cards import AdapterCardData, card_repo_id, render_adapter_card
-from .config import HyperFlowConfig
+from .config import HyperFlowConfig, check_saved_fields
 from .drift import DriftNet, TaskEncoding
 from .heads import class_prototypes
 from .hub import push_folder_to_hub, resolve_pretrained_folder
-from .inputs import check_pair, default_image_processor, encode_labels, to_pixel_values
-from .io import load_safetensors_checked, read_json_checked
+from .inputs import (
+    PROCESSOR_FILE,
+    check_images,
+    check_pair,
+    default_image_processor,
+    encode_labels,
+    load_image_processor,
+    to_pixel_values,
+)
+from .io import add_checksum, attach_adapter_checked, load_safetensors_checked, read_json_checked
 from .prefix import FrozenPrefix, Uncacheable, block_output_sizes, cat_leaves, image_range, skip_prefix
 from .results import save_results_plot
 from .state import HEAD_KEY, TaskState
@@ -205,6 +211,8 @@ class HyperFlowAdapter:
         if not tasks:
             raise ValueError("adapt_many needs at least one task.")
         steps, stopping = _steps_and_stopping(steps)
+        for k, task in enumerate(tasks):  # every task's inputs checked before any is adapted
+            _check_task(task, k, len(tasks))
         chunk = tasks_per_batch or (CPU_TASKS_PER_BATCH if self._device_dtype()[0].type == "cpu"
                                     else ACCELERATOR_TASKS_PER_BATCH)
         adapted = []
@@ -316,9 +324,10 @@ class HyperFlowAdapter:
 
     def _support(self, images, labels, classes: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
         """``(pixel_values [S, 3, H, W], labels LongTensor[S] on their device, the task's C classes)``."""
-        pixel_values = self.pixel_values(images)
-        check_pair(pixel_values, labels)
+        check_images(images)
         encoded, names = encode_labels(labels, classes)
+        check_pair(images, encoded)
+        pixel_values = self.pixel_values(images)
         return pixel_values, encoded.to(pixel_values.device), names
 
     def _first_pass(self, pixel_values: torch.Tensor, labels: torch.Tensor, sizes: list[int], num_classes: list[int]):
@@ -416,6 +425,12 @@ class HyperFlowAdapter:
         """Task ``index`` of a batch as an AdaptedTask (an exportable HyperFlow state unless direct transfer)."""
         drift = self.drift
         prototypes = batch.prototypes[index, : len(classes)]
+        if not bool(torch.isfinite(prototypes).all()):
+            raise RuntimeError(
+                f"The prototypes of task {index} are not finite: the backbone's features or the integrated adapter state "
+                f"overflowed ({'direct transfer' if batch.state is None else 'HyperFlow'}, {prototypes.dtype}). Run the "
+                "backbone in float32, or integrate fewer steps."
+            )
         scale, bias = drift.logit_scale.detach().clone(), drift.logit_bias.detach().clone()
         if batch.state is None:
             return AdaptedTask(HyperFlowEmbedder(self.tuner, None), prototypes, scale, bias, classes,
@@ -472,6 +487,7 @@ class HyperFlowAdapter:
         plot is drawn next to it)."""
         directory = Path(save_directory)
         self.model.save_pretrained(str(directory))
+        add_checksum(directory / SAFETENSORS_WEIGHTS_NAME)
         self.image_processor.save_pretrained(str(directory))
         plot_path = None
         if results is not None:
@@ -503,46 +519,44 @@ class HyperFlowAdapter:
                         strict_backbone: bool = True, token: str | None = None) -> HyperFlowAdapter:
         """Load an adapter saved by :meth:`save_pretrained` (a folder or a Hub id) onto ``backbone``.
 
+        Everything is checked before the backbone is touched: the config's fields (all that set what the adapter
+        computes must be there), the backbone (model_type and weights' fingerprint), the weights' checksum; the
+        weights must then fit the config exactly, else the backbone is left as it was.
+
         Args:
             strict_backbone: if True, a backbone whose weights differ from the ones the adapter was made for
                 (content fingerprint) is an error; if False, a warning.
 
         Raises:
-            FileNotFoundError / ValueError: missing, corrupt or truncated files; an adapter for another backbone.
+            FileNotFoundError / ValueError / TypeError: missing, corrupt, truncated or damaged files, fields missing
+                or of the wrong type (each naming the file and what to do); an adapter for another backbone.
         """
         folder = resolve_pretrained_folder(pretrained, revision=revision, token=token,
-                                           required_files=(CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME))
-        raw = read_json_checked(folder / CONFIG_NAME)
-        if raw.get("peft_type") != "HYPERFLOW":
-            raise ValueError(f"{folder} holds a {raw.get('peft_type')!r} adapter, not a HyperFlow adapter.")
-        config = HyperFlowConfig.from_pretrained(str(folder))
-        model_type = model_type_of(backbone)
-        if config.backbone_model_type and config.backbone_model_type != model_type:
-            raise ValueError(
-                f"This HyperFlow adapter was made for a {config.backbone_model_type!r} backbone, but the backbone "
-                f"given is a {model_type!r}. Load it onto the backbone it was trained for."
-            )
-        fingerprint = backbone_fingerprint(backbone) if config.backbone_fingerprint else None
-        if fingerprint is not None and fingerprint != config.backbone_fingerprint:
-            message = (
-                f"The backbone's weights (fingerprint {fingerprint}) differ from those this "
-                f"adapter was trained with ({config.backbone_fingerprint}). Load the same checkpoint, or pass "
-                f"strict_backbone=False to use it anyway."
-            )
-            if strict_backbone:
-                raise ValueError(message)
-            warnings.warn(message, stacklevel=2)
-        load_safetensors_checked(folder / SAFETENSORS_WEIGHTS_NAME)
-        with peft_wrapping():
-            model = PeftModel.from_pretrained(backbone, str(folder), config=config, is_trainable=False)
+                                           required_files=(CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, PROCESSOR_FILE))
+        config = _saved_config(folder / CONFIG_NAME)
+        check_backbone(backbone, config.backbone_model_type, config.backbone_fingerprint, strict_backbone,
+                       "HyperFlow adapter")
+        processor = load_image_processor(folder)
+        weights = folder / SAFETENSORS_WEIGHTS_NAME
+        config.inference_mode = True
+        model = attach_adapter_checked(backbone, config, load_safetensors_checked(weights), weights)
         model.base_model.drift.requires_grad_(False)
-        processor = None
-        if (folder / "preprocessor_config.json").is_file():
-            processor = AutoImageProcessor.from_pretrained(str(folder))
         adapter = cls(model, image_processor=processor)
         adapter.name_or_path = str(pretrained)
         adapter.revision = revision or _snapshot_revision(folder)
         return adapter
+
+
+def _saved_config(path: Path) -> HyperFlowConfig:
+    """The HyperFlowConfig saved at ``path``, every field present and of the right type."""
+    raw = read_json_checked(path)
+    if raw.get("peft_type") != "HYPERFLOW":
+        raise ValueError(f"{path.parent} holds a {raw.get('peft_type')!r} adapter, not a HyperFlow adapter.")
+    check_saved_fields(raw, str(path))
+    try:
+        return HyperFlowConfig(**raw)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{path}: {error} Correct the file, or save the adapter again.") from None
 
 
 def _steps_and_stopping(steps: int | str | None) -> tuple[int | None, str | None]:
@@ -553,6 +567,20 @@ def _steps_and_stopping(steps: int | str | None) -> tuple[int | None, str | None
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer, 'auto' or None (the config's), got {steps!r}.")
     return steps, None
+
+
+def _check_task(task, index: int, count: int) -> None:
+    """One task of ``adapt_many``: ``(images, labels)`` or ``(images, labels, classes)`` whose labels encode and whose
+    images pass :func:`~hf_hyperflow.inputs.check_images`; errors name the task."""
+    if not isinstance(task, (tuple, list)) or len(task) not in (2, 3):
+        raise TypeError(f"Task {index} of {count} must be a tuple (support_images, support_labels[, classes]), got "
+                        f"{type(task).__name__}.")
+    try:
+        check_images(task[0])
+        encoded, _ = encode_labels(task[1], task[2] if len(task) == 3 else None)
+        check_pair(task[0], encoded)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"Task {index} of {count}: {error}" if count > 1 else str(error)) from None
 
 
 def _snapshot_revision(folder: Path) -> str | None:

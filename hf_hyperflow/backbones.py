@@ -9,6 +9,7 @@ vector per image is pooled. Everything else is the same for every backbone: :fun
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -323,3 +324,23 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
         for name, tensor in backbone.state_dict().items()
         if "hyperflow_" not in name and torch.is_floating_point(tensor)
     })
+
+
+def check_backbone(backbone: nn.Module, model_type: str, fingerprint: str, strict: bool, what: str) -> None:
+    """``backbone`` is a ``model_type`` with the weights of content fingerprint ``fingerprint`` (what a saved
+    adapter or task was made on; ``what`` names it in messages).
+
+    Raises:
+        ValueError: another model_type; other weights when ``strict`` (else a warning).
+    """
+    given = model_type_of(backbone)
+    if given != model_type:
+        raise ValueError(f"This {what} was made for a {model_type!r} backbone, but the backbone given is a "
+                         f"{given!r}. Load it onto the backbone it was made for.")
+    found = backbone_fingerprint(backbone)
+    if found != fingerprint:
+        message = (f"The backbone's weights (fingerprint {found}) differ from those this {what} was made with "
+                   f"({fingerprint}). Load the same checkpoint, or pass strict_backbone=False to use it anyway.")
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=3)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
+import re
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-__all__ = ["HyperFlowConfig", "HYPERFLOW_PEFT_TYPE", "ADAPTED_GROUPS", "INTEGRATOR_NAMES", "STOPPING_RULES"]
+__all__ = ["HyperFlowConfig", "HYPERFLOW_PEFT_TYPE", "ADAPTED_GROUPS", "INTEGRATOR_NAMES", "STOPPING_RULES",
+           "CONFIG_FILE", "saved_fields", "check_saved_fields"]
 
 ADAPTED_GROUPS = ("lora", "shift", "head")
 INTEGRATOR_NAMES = ("euler", "midpoint", "heun", "rk4")
@@ -31,6 +35,16 @@ def _hyperflow_peft_type() -> PeftType:
 
 
 HYPERFLOW_PEFT_TYPE = _hyperflow_peft_type()
+CONFIG_FILE = "adapter_config.json"
+# Fields set when an adapter is created on a backbone; a saved adapter must hold them.
+FILLED_ON_CREATION = ("backbone_model_type", "feature_size", "adapted_modules", "backbone_fingerprint", "image_size")
+# PEFT reads these fields on every config; HyperFlow has its own ways to say what they say.
+UNUSED_FIELDS = {
+    "target_parameters": "adapt parameters through their modules with target_modules",
+    "layers_to_transform": "use first_adapted_block to adapt only the last blocks",
+    "layers_pattern": "use first_adapted_block to adapt only the last blocks",
+    "modules_to_save": "only the drift network and theta_0 are saved",
+}
 
 
 @dataclass
@@ -136,37 +150,27 @@ class HyperFlowConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = HYPERFLOW_PEFT_TYPE
-        self.groups = list(self.groups) if not isinstance(self.groups, str) else [self.groups]
-        unknown = [g for g in self.groups if g not in ADAPTED_GROUPS]
-        if not self.groups or unknown:
-            raise ValueError(
-                f"groups={self.groups!r} is not valid: pass a non-empty list drawn from {list(ADAPTED_GROUPS)}."
-            )
-        if len(set(self.groups)) != len(self.groups):
-            raise ValueError(f"groups={self.groups!r} lists a group twice.")
-        if self.stopping not in STOPPING_RULES:
-            raise ValueError(f"stopping={self.stopping!r} is unknown: use one of {list(STOPPING_RULES)}.")
-        if not isinstance(self.stopping_points, int) or isinstance(self.stopping_points, bool) or self.stopping_points < 2:
-            raise ValueError(f"stopping_points={self.stopping_points!r} must be an integer >= 2 (t=0 and t=1 at least).")
-        if self.integrator not in INTEGRATOR_NAMES:
-            raise ValueError(f"integrator={self.integrator!r} is unknown: use one of {list(INTEGRATOR_NAMES)}.")
-        for name in ("r", "steps", "hidden_size", "time_embedding_size", "module_embedding_size",
-                     "state_projection_size", "output_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer.")
-        if not isinstance(self.statistics_size, int) or isinstance(self.statistics_size, bool) or self.statistics_size < 0:
-            raise ValueError(f"statistics_size={self.statistics_size!r} must be an integer >= 0.")
-        if self.time_embedding_size % 2:
-            raise ValueError(f"time_embedding_size={self.time_embedding_size} must be even (sin and cos halves).")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0.")
-        if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"image_size={self.image_size} is too small: use at least 8 pixels.")
-        if isinstance(self.target_modules, (list, set, tuple)):
+        _check_groups(self)
+        _check_choices_and_sizes(self)
+        _check_patterns_and_backbone(self)
+        for name, instead in UNUSED_FIELDS.items():
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}={getattr(self, name)!r}: HyperFlow does not use {name}; {instead}.")
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = sorted(self.target_modules)
-        if isinstance(self.shift_modules, (list, set, tuple)):
+        if isinstance(self.shift_modules, (list, tuple)):
             self.shift_modules = sorted(self.shift_modules)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """The fields read from a saved ``adapter_config.json`` (PEFT calls this when loading): every field that
+        sets what the adapter computes must be there, and no field this version does not know.
+
+        Raises:
+            ValueError: missing or unknown fields, with what to do.
+        """
+        check_saved_fields(kwargs, CONFIG_FILE)
+        return kwargs
 
     @property
     def scaling(self) -> float:
@@ -178,3 +182,113 @@ class HyperFlowConfig(PeftConfig):
         if isinstance(data.get("peft_type"), enum.Enum):
             data["peft_type"] = data["peft_type"].value
         return data
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(config: HyperFlowConfig, name: str, low: int, *, optional: bool = False) -> None:
+    """``name`` must be an int >= ``low`` (or None with ``optional``): TypeError / ValueError ``"name=value ..."``."""
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if not _is_int(value):
+        raise TypeError(f"{name}={value!r} must be an integer{' or None' if optional else ''}, not "
+                        f"{type(value).__name__}.")
+    if value < low:
+        raise ValueError(f"{name}={value!r} must be {'a positive integer' if low == 1 else f'an integer >= {low}'}.")
+
+
+def _check_groups(config: HyperFlowConfig) -> None:
+    groups = config.groups
+    if isinstance(groups, str) or not isinstance(groups, (list, tuple)):
+        raise TypeError(f"groups={groups!r} must be a list of group names drawn from {list(ADAPTED_GROUPS)}, e.g. "
+                        f"{[groups] if isinstance(groups, str) else ['lora', 'shift', 'head']}.")
+    config.groups = list(groups)
+    unknown = [g for g in config.groups if g not in ADAPTED_GROUPS]
+    if not config.groups or unknown:
+        raise ValueError(f"groups={config.groups!r} is not valid: pass a non-empty list drawn from "
+                         f"{list(ADAPTED_GROUPS)}.")
+    if len(set(config.groups)) != len(config.groups):
+        raise ValueError(f"groups={config.groups!r} lists a group twice.")
+
+
+def _check_choices_and_sizes(config: HyperFlowConfig) -> None:
+    for name, choices in (("integrator", INTEGRATOR_NAMES), ("stopping", STOPPING_RULES)):
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name}={getattr(config, name)!r} is unknown: use one of {list(choices)}.")
+    for name in ("r", "steps", "hidden_size", "time_embedding_size", "module_embedding_size", "state_projection_size",
+                 "output_rank"):
+        _check_int(config, name, 1)
+    _check_int(config, "stopping_points", 2)
+    _check_int(config, "statistics_size", 0)
+    _check_int(config, "init_seed", 0)
+    _check_int(config, "image_size", 8, optional=True)
+    _check_int(config, "feature_size", 1, optional=True)
+    _check_int(config, "first_adapted_block", -(2**31), optional=True)
+    if config.time_embedding_size % 2:
+        raise ValueError(f"time_embedding_size={config.time_embedding_size} must be even (sin and cos halves).")
+    alpha = config.lora_alpha
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise TypeError(f"lora_alpha={alpha!r} must be a number, not {type(alpha).__name__}.")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"lora_alpha={alpha!r} must be > 0 (and finite).")
+
+
+def _check_patterns_and_backbone(config: HyperFlowConfig) -> None:
+    for name in ("target_modules", "shift_modules", "exclude_modules"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"{name}={value!r} is not a valid regular expression ({error}).") from None
+        elif not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise TypeError(f"{name}={value!r} must be a regex, a list of module name suffixes, or None.")
+    for name in ("backbone_model_type", "backbone_fingerprint", "task_type", "base_model_name_or_path", "revision"):
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name}={value!r} must be a string or None.")
+    if not isinstance(config.inference_mode, bool):
+        raise TypeError(f"inference_mode={config.inference_mode!r} must be true or false.")
+    modules = config.adapted_modules
+    if modules is None:
+        return
+    valid = isinstance(modules, dict) and all(
+        isinstance(k, str) and isinstance(v, list) and v and set(v) <= {"lora", "shift"} and set(v) <= set(config.groups)
+        for k, v in modules.items())
+    if not valid:
+        raise TypeError(f"adapted_modules must map module names to non-empty lists of the groups 'lora' / 'shift' "
+                        f"this config adapts ({config.groups}), got {modules!r:.200}.")
+
+
+def saved_fields() -> list[str]:
+    """The fields a saved ``adapter_config.json`` must hold: every HyperFlow field but the unused PEFT ones."""
+    inherited = {f.name for f in dataclasses.fields(PeftConfig)}
+    return [f.name for f in dataclasses.fields(HyperFlowConfig) if f.name not in inherited | set(UNUSED_FIELDS)]
+
+
+def check_saved_fields(data: dict, where: str) -> None:
+    """``data`` read from ``where`` (an ``adapter_config.json``) holds every field of :func:`saved_fields` and no
+    unknown one.
+
+    Raises:
+        ValueError: missing fields (they change what the adapter computes) or unknown ones.
+    """
+    known = {f.name for f in dataclasses.fields(HyperFlowConfig)}
+    missing = [name for name in saved_fields() if name not in data]
+    if missing:
+        raise ValueError(f"{where} lacks the field(s) {missing}, which set what the adapter computes; loading it with "
+                         "defaults would give other results. It was written by an older version or edited: save the "
+                         "adapter again with HyperFlowAdapter.save_pretrained, or add the fields.")
+    unset = [name for name in FILLED_ON_CREATION if data.get(name) is None]
+    if unset:
+        raise ValueError(f"{where} has no value for {unset}: they are filled in when an adapter is created on a "
+                         "backbone and checked when it is loaded onto one. Save the adapter again from its backbone.")
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where} has field(s) {unknown} this version of hf-hyperflow does not know: it was written "
+                         "by a newer version (pip install -U hf-hyperflow) or edited by hand.")

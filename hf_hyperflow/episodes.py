@@ -34,6 +34,7 @@ from .image_datasets import (
     resolve_image_column,
     resolve_label_column,
 )
+from .inputs import to_rgb
 
 __all__ = ["Episode", "EpisodePlan", "EpisodeSampler", "ClassSplit", "LabelIndex", "load_image_dataset",
            "resolve_image_column", "resolve_label_column", "to_rgb", "SPLIT_NAMES", "PROTOCOLS",
@@ -304,17 +305,7 @@ class EpisodeSampler(Sequence):
         feature = self._images.features[self.image_column]
         out = []
         decoder = None if feature.decode else datasets.Image(decode=True)
-        for value in values:
-            out.append(to_rgb(decoder.decode_example(value) if decoder is not None else value))
+        for row, value in zip(rows, values, strict=True):
+            out.append(to_rgb(decoder.decode_example(value) if decoder is not None else value, f"row {row}"))
         return out
 
-
-def to_rgb(image: PILImage.Image) -> PILImage.Image:
-    """Any PIL image as RGB; transparent areas are composited over white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PILImage.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")

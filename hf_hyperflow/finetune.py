@@ -219,11 +219,6 @@ class _FunctionalEmbedder:
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(self.module, self.parameters, (pixel_values,))
 
-    @property
-    def peft_model(self):
-        raise ValueError("This task fine-tuned every backbone parameter: it is not an adapter and cannot be saved as "
-                         "a PEFT LoRA adapter. Fine-tune with groups such as ('lora', 'shift', 'head') to export.")
-
 
 def _adapted_block_parameters(backbone: nn.Module) -> list[str]:
     """Names of the parameters after the frozen prefix: the adapted blocks and the layers after the last block."""

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["fingerprint", "tensors_fingerprint"]
+__all__ = ["fingerprint", "tensors_fingerprint", "tensors_sha256"]
 
 
 def fingerprint(parts: Iterable[str | bytes | torch.Tensor]) -> str:
@@ -27,3 +27,15 @@ def fingerprint(parts: Iterable[str | bytes | torch.Tensor]) -> str:
 def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     """:func:`fingerprint` of named tensors in name order: ``name_1, tensor_1, name_2, tensor_2, ...``."""
     return fingerprint(part for name in sorted(tensors) for part in (name, tensors[name]))
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The full sha256 (64 hex digits) of named tensors exactly as stored: in name order, each tensor's name, dtype,
+    shape and raw bytes (C order, on CPU). Unlike :func:`fingerprint`, a change of dtype or of any bit changes it:
+    it is the checksum saved with a file's tensors."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

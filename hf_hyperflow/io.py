@@ -1,34 +1,99 @@
-"""Reading saved files with errors that say which file is broken and what to do."""
+"""Reading and writing saved files, with errors that say which file is broken and what to do.
+
+Every safetensors file the package writes carries the sha256 of its tensors in its metadata (``tensors_sha256``,
+see :func:`~hf_hyperflow.fingerprint.tensors_sha256`); :func:`load_safetensors_checked` recomputes it, so that
+flipped bits, a tensor cut out of the header or a tensor of another shape are found before they are used.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
-__all__ = ["load_safetensors_checked", "read_json_checked"]
+from .fingerprint import tensors_sha256
+
+__all__ = ["CHECKSUM_KEY", "load_safetensors_checked", "save_safetensors", "add_checksum", "read_json_checked",
+           "check_tensor_shapes", "attach_adapter_checked"]
+
+CHECKSUM_KEY = "tensors_sha256"
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` with ``metadata`` (default ``{"format": "pt"}``) and their checksum, through a temporary
+    file: a reader never sees half a file."""
+    path = Path(path)
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    metadata = {**(metadata or {"format": "pt"}), CHECKSUM_KEY: tensors_sha256(tensors)}
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
+
+
+def add_checksum(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file written by another library (PEFT) with the checksum of its tensors."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {"format": "pt"}
+    save_safetensors(load_file(str(path)), path, metadata)
 
 
 def load_safetensors_checked(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a corrupt or truncated file raises ValueError naming it.
+    """Load a safetensors file and check its tensors against the checksum saved with them (a file without one, from
+    an older version or another library, loads with a warning).
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file cannot be parsed (truncated download, interrupted save, not safetensors).
+        ValueError: the file cannot be parsed (truncated download, interrupted save, not safetensors), or its
+            tensors do not match their checksum (damaged on disk or in transfer, or edited).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist.")
     try:
-        return load_file(str(path), device=device)
-    except (SafetensorError, OSError, ValueError) as error:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise ValueError(
             f"{path} is corrupt or truncated ({error}). Download or save it again."
         ) from error
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is None:
+        warnings.warn(f"{path} carries no checksum of its tensors (written by an older version or another library), "
+                      "so damage to it cannot be detected; save it again to add one.", stacklevel=2)
+    elif tensors_sha256(tensors) != expected:
+        raise ValueError(f"{path} is damaged: its tensors do not match the checksum saved with them (flipped bits, "
+                         "an interrupted copy, or an edit). Download or save it again.")
+    return tensors
+
+
+def check_tensor_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], path, fix: str) -> None:
+    """The tensors of the file ``path`` are exactly the ``expected`` names and shapes.
+
+    Raises:
+        ValueError: a missing, unexpected or wrongly shaped tensor, naming the file, the tensor and ``fix``.
+    """
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(tensors) if tuple(tensors[n].shape) != tuple(expected[n]))
+    problems = []
+    if missing:
+        problems.append(f"lacks the tensor(s) {missing[:5]}")
+    if unexpected:
+        problems.append(f"has tensor(s) it should not have {unexpected[:5]}")
+    if wrong:
+        problems.append("has tensor(s) of the wrong shape " + ", ".join(
+            f"{n} {tuple(tensors[n].shape)} (expected {tuple(expected[n])})" for n in wrong[:5]))
+    if problems:
+        raise ValueError(f"{path} {'; '.join(problems)}. {fix}")
 
 
 def read_json_checked(path: str | os.PathLike) -> dict:
@@ -43,3 +108,31 @@ def read_json_checked(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} should hold a JSON object, got {type(data).__name__}.")
     return data
+
+
+def attach_adapter_checked(backbone, config, tensors: Mapping[str, torch.Tensor], path: Path):
+    """``PeftModel(backbone, config)`` (the adapter's layers injected, as PEFT does) with the saved ``tensors`` of the
+    file ``path`` set. When they do not fit the config (a missing or unexpected tensor, another shape), the layers
+    are taken out again, so that the backbone is as it was, and ValueError names the file.
+    """
+    from peft import PeftModel, set_peft_model_state_dict
+
+    from .tuner.model import peft_wrapping
+
+    with peft_wrapping():
+        model = PeftModel(backbone, config)
+    try:
+        result = set_peft_model_state_dict(model, dict(tensors), adapter_name="default")
+        missing = [k for k in result.missing_keys if ".default." in k]
+        problems = [f"lacks the tensor(s) {missing[:3]}"] if missing else []
+        problems += [f"has tensor(s) it should not have {result.unexpected_keys[:3]}"] if result.unexpected_keys else []
+    except RuntimeError as error:  # a tensor of another shape
+        found = re.findall(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from "
+                           r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)", str(error))
+        problems = [f"has {name} of shape {got} where the config needs {need}" for name, got, need in found[:3]]
+        problems = problems or [f"cannot be loaded ({error})"]
+    if problems:
+        model.base_model.unload()
+        raise ValueError(f"{path} does not fit {Path(path).parent / 'adapter_config.json'}: it {'; '.join(problems)}. "
+                         "The two files come from different saves (or were edited): save them again.")
+    return model

@@ -15,18 +15,23 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoImageProcessor
 
-from .backbones import embed, model_type_of, probe_feature_size
+from .backbones import check_backbone, embed, model_type_of, probe_feature_size
 from .cards import TaskCardData, card_repo_id, render_task_card
 from .config import HyperFlowConfig
 from .export import to_lora
 from .heads import prototype_logits
 from .hub import push_folder_to_hub, resolve_pretrained_folder
-from .inputs import processor_size, to_pixel_values
-from .io import load_safetensors_checked, read_json_checked
+from .inputs import PROCESSOR_FILE, load_image_processor, processor_size, to_pixel_values
+from .io import (
+    add_checksum,
+    attach_adapter_checked,
+    check_tensor_shapes,
+    load_safetensors_checked,
+    read_json_checked,
+    save_safetensors,
+)
 from .state import TaskState
 from .tuner.model import HyperFlowModel, peft_wrapping
 
@@ -96,8 +101,17 @@ class AdaptedTask:
 
     @torch.no_grad()
     def logits(self, images) -> torch.Tensor:
-        """``Tensor[Q, C]``: ``scale * (cos(f_q, p_c) + bias)``."""
-        return prototype_logits(self.embed(images), self.prototypes, self.logit_scale, self.logit_bias)
+        """``Tensor[Q, C]``: ``scale * (cos(f_q, p_c) + bias)``.
+
+        Raises:
+            ValueError: images :func:`~hf_hyperflow.inputs.check_images` refuses. RuntimeError: the backbone's
+                features of these images are not finite (an overflow).
+        """
+        logits = prototype_logits(self.embed(images), self.prototypes, self.logit_scale, self.logit_bias)
+        if not bool(torch.isfinite(logits).all()):
+            raise RuntimeError(f"The logits of these images are not finite: the backbone's features overflowed "
+                               f"({self.prototypes.dtype}); run the backbone in float32.")
+        return logits
 
     def predict_proba(self, images) -> torch.Tensor:
         """``Tensor[Q, C]``: class probabilities (softmax of the logits), columns in ``self.classes`` order."""
@@ -122,36 +136,42 @@ class AdaptedTask:
         """Write a plain PEFT LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``) that stock
         PEFT loads without this package, plus the head (``hyperflow_head.safetensors``: prototypes, scale, bias),
         the classes and provenance (``hyperflow_task.json``), the image processor and a model card
-        (``README.md``; ``repo_id`` names the model in it, default the folder's name)."""
+        (``README.md``; ``repo_id`` names the model in it, default the folder's name). The safetensors files
+        carry the checksum of their tensors.
+
+        Raises:
+            ValueError: a task that is not an adapter (direct transfer, full fine-tuning), before anything is written.
+        """
+        if self.state is None and not isinstance(self._embedder, PeftEmbedder):
+            kind = ("direct transfer (the backbone as it is, with class prototypes)"
+                    if isinstance(self._embedder, HyperFlowEmbedder) else "full fine-tuning (every weight changed)")
+            raise ValueError(
+                f"This task is {kind}: it is not an adapter, so there are no adapter files to save. Keep "
+                "task.prototypes and task.classes to classify with the backbone, or adapt with HyperFlow "
+                "(adapter.adapt) or fine-tune with groups such as ('lora', 'shift', 'head') for a task that saves as "
+                "a PEFT adapter."
+            )
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.state is not None:
             lora_config, tensors = self.to_lora()
             lora_config.save_pretrained(str(directory))
-            save_file(tensors, str(directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-            self._meta["backbone_model_type"] = model_type = model_type_of(self._tuner.model)
-            self._meta["backbone_fingerprint"] = fingerprint = self._config.backbone_fingerprint
+            save_safetensors(tensors, directory / SAFETENSORS_WEIGHTS_NAME)
+            self._meta["backbone_model_type"] = model_type_of(self._tuner.model)
+            self._meta["backbone_fingerprint"] = self._config.backbone_fingerprint
         else:
             self._embedder.peft_model.save_pretrained(str(directory))
-            model_type = self._meta["backbone_model_type"]
-            fingerprint = self._meta.get("backbone_fingerprint")
-        save_file(
-            {"prototypes": self.prototypes.detach().cpu().contiguous(),
-             "logit_scale": self.logit_scale.detach().cpu().reshape(()).contiguous(),
-             "logit_bias": self.logit_bias.detach().cpu().reshape(()).contiguous()},
-            str(directory / HEAD_FILE), metadata={"format": "pt"},
-        )
+            add_checksum(directory / SAFETENSORS_WEIGHTS_NAME)
+        save_safetensors({"prototypes": self.prototypes, "logit_scale": self.logit_scale.reshape(()),
+                          "logit_bias": self.logit_bias.reshape(())}, directory / HEAD_FILE)
         meta = {
             "classes": self.classes,
             "label_kind": "str" if self.classes and isinstance(self.classes[0], str) else "int",
-            "backbone_model_type": model_type,
-            "backbone_fingerprint": fingerprint,
+            "backbone_model_type": self._meta["backbone_model_type"],
+            "backbone_fingerprint": self._meta["backbone_fingerprint"],
             "feature_size": int(self.prototypes.shape[1]),
-            "source_adapter": self._meta.get("source_adapter"),
-            "source_adapter_revision": self._meta.get("source_adapter_revision"),
-            "support_size": self._meta.get("support_size"),
-            "base_model": self._meta.get("base_model"),
-            "integration_time": self._meta.get("integration_time"),
+            **{key: self._meta.get(key) for key in ("source_adapter", "source_adapter_revision", "support_size",
+                                                    "base_model", "integration_time")},
         }
         (directory / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if self.image_processor is not None:
@@ -194,36 +214,68 @@ class AdaptedTask:
                                       commit_message=commit_message or "Upload adapted task", token=token)
 
     @classmethod
-    def from_pretrained(cls, backbone: nn.Module, pretrained: str | os.PathLike, **kwargs) -> AdaptedTask:
+    def from_pretrained(cls, backbone: nn.Module, pretrained: str | os.PathLike, *, strict_backbone: bool = True,
+                        **kwargs) -> AdaptedTask:
         """Load a task saved by :meth:`save_pretrained` onto ``backbone`` (through stock PEFT).
 
-        The backbone then carries the task's LoRA adapter (it is wrapped in place, as PEFT does).
+        The backbone then carries the task's LoRA adapter (it is wrapped in place, as PEFT does). Every file is
+        checked first (fields, checksums, shapes) and the backbone must be the one the task was adapted on (model
+        type and weights' fingerprint); if the adapter's weights do not fit its config, the backbone is left as
+        it was.
+
+        Args:
+            strict_backbone: if True, a backbone whose weights differ from the ones the task was adapted on is an
+                error; if False, a warning.
 
         Raises:
-            FileNotFoundError: a file of the export is missing. ValueError: a corrupt or truncated file, or a
-            backbone of another model_type / feature size.
+            FileNotFoundError: a file of the export is missing. ValueError / TypeError: a corrupt, truncated or
+            damaged file, a missing or malformed field, or a backbone of another model_type / feature size / weights.
         """
-        folder = resolve_pretrained_folder(pretrained, required_files=(TASK_FILE, HEAD_FILE, CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME),
-                                           **kwargs)
-        meta = read_json_checked(folder / TASK_FILE)
+        folder = resolve_pretrained_folder(pretrained, required_files=(TASK_FILE, HEAD_FILE, CONFIG_NAME,
+                                                                      SAFETENSORS_WEIGHTS_NAME, PROCESSOR_FILE), **kwargs)
+        meta = _task_meta(folder / TASK_FILE)
         head = load_safetensors_checked(folder / HEAD_FILE)
-        load_safetensors_checked(folder / SAFETENSORS_WEIGHTS_NAME)
-        model_type = model_type_of(backbone)
-        if meta["backbone_model_type"] != model_type:
-            raise ValueError(f"This task was adapted on a {meta['backbone_model_type']!r} backbone, but a "
-                             f"{model_type!r} backbone was given.")
-        processor = None
-        if (folder / "preprocessor_config.json").is_file():
-            processor = AutoImageProcessor.from_pretrained(str(folder))
+        check_tensor_shapes(head, {"prototypes": (len(meta["classes"]), meta["feature_size"]), "logit_scale": (),
+                                   "logit_bias": ()}, folder / HEAD_FILE, f"It does not fit {TASK_FILE}: save the task "
+                            "again.")
+        check_backbone(backbone, meta["backbone_model_type"], meta["backbone_fingerprint"], strict_backbone, "task")
+        processor = load_image_processor(folder)
         size = probe_feature_size(backbone, processor_size(processor) or 224)
         if size != meta["feature_size"]:
             raise ValueError(f"This task expects features of size {meta['feature_size']}, but the backbone gives "
                              f"{size}: it was adapted on another backbone.")
-        with peft_wrapping():
-            peft_model = PeftModel.from_pretrained(backbone, str(folder))
+        tensors = load_safetensors_checked(folder / SAFETENSORS_WEIGHTS_NAME)
+        try:
+            lora_config = LoraConfig.from_pretrained(str(folder))
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"{folder / CONFIG_NAME} is not a valid LoRA config ({error}). Save the task again.") from None
+        peft_model = attach_adapter_checked(backbone, lora_config, tensors, folder / SAFETENSORS_WEIGHTS_NAME)
         peft_model.eval()
         parameter = next(backbone.parameters())
-        task = cls(PeftEmbedder(peft_model), head["prototypes"].to(parameter.device, parameter.dtype),
+        return cls(PeftEmbedder(peft_model), head["prototypes"].to(parameter.device, parameter.dtype),
                    head["logit_scale"].to(parameter.device), head["logit_bias"].to(parameter.device),
                    meta["classes"], processor, source=meta)
-        return task
+
+
+def _task_meta(path: Path) -> dict:
+    """``hyperflow_task.json``, its required fields present and of the right types.
+
+    Raises:
+        ValueError: a missing field, or one of the wrong type, naming the file.
+    """
+    meta = read_json_checked(path)
+    fix = "It was edited or written by another tool: save the task again."
+    missing = [name for name in ("classes", "label_kind", "backbone_model_type", "backbone_fingerprint",
+                                 "feature_size") if meta.get(name) is None]
+    if missing:
+        raise ValueError(f"{path} lacks the field(s) {missing}. {fix}")
+    classes, kind = meta["classes"], {"str": str, "int": int}.get(meta["label_kind"])
+    if (kind is None or not isinstance(classes, list) or len(classes) < 2 or len(set(map(repr, classes))) != len(classes)
+            or not all(type(c) is kind for c in classes)):
+        raise ValueError(f"{path}: classes must be a list of at least two distinct labels of the kind label_kind says "
+                         f"('str' or 'int'), got classes={classes!r:.100} and label_kind={meta['label_kind']!r}. {fix}")
+    if not all(isinstance(meta[n], str) and meta[n] for n in ("backbone_model_type", "backbone_fingerprint")):
+        raise ValueError(f"{path}: backbone_model_type and backbone_fingerprint must be strings. {fix}")
+    if type(meta["feature_size"]) is not int or meta["feature_size"] < 1:
+        raise ValueError(f"{path}: feature_size must be a positive integer, got {meta['feature_size']!r}. {fix}")
+    return meta

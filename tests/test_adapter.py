@@ -199,7 +199,7 @@ def test_adapter_for_another_backbone(adapter, tmp_path):
     # same model_type, other weights: the content fingerprint catches it
     with pytest.raises(ValueError, match="strict_backbone=False"):
         HyperFlowAdapter.from_pretrained(make_backbone("vit", seed=5), tmp_path / "vit-adapter")
-    with pytest.warns(UserWarning, match="differ from those this adapter was trained with"):
+    with pytest.warns(UserWarning, match="differ from those this HyperFlow adapter was made with"):
         HyperFlowAdapter.from_pretrained(make_backbone("vit", seed=5), tmp_path / "vit-adapter", strict_backbone=False)
 
 
@@ -211,7 +211,7 @@ def test_adapter_for_another_feature_size(tmp_path):
     wider = AutoModel.from_config(AutoConfig.for_model(
         "vit", hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
         patch_size=8))
-    with pytest.raises(ValueError, match="differ from those this adapter|features of size 32"):
+    with pytest.raises(ValueError, match="differ from those this HyperFlow adapter|features of size 32"):
         HyperFlowAdapter.from_pretrained(wider, tmp_path / "a", strict_backbone=False)
 
 

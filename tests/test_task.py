@@ -22,5 +22,5 @@ def pixels(n=4):
 
 def test_task_for_another_backbone(adapter, tmp_path):
     adapter.adapt(pixels(4), [0, 1, 0, 1]).save_pretrained(tmp_path / "task")
-    with pytest.raises(ValueError, match="adapted on a 'vit' backbone, but a 'dinov2' backbone was given"):
+    with pytest.raises(ValueError, match="task was made for a 'vit' backbone, but the backbone given is a 'dinov2'"):
         AdaptedTask.from_pretrained(make_backbone("dinov2"), tmp_path / "task")

@@ -76,7 +76,6 @@ def test_saved_adapter_keeps_its_resolved_modules(adapter, tmp_path):
     torch.testing.assert_close(loaded.adapt(pixels(4), [0, 1, 0, 1]).logits(pixels(3)),
                                adapter.adapt(pixels(4), [0, 1, 0, 1]).logits(pixels(3)))
     config["adapted_modules"]["layers.7.attention.q_proj"] = ["lora"]
-    config["backbone_fingerprint"] = None
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"adapts modules this vit backbone does not have \(\['layers.7"):
         HyperFlowAdapter.from_pretrained(make_backbone("vit"), tmp_path / "a")
