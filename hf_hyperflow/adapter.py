@@ -27,7 +27,7 @@ from torch.profiler import record_function
 from .backbones import check_backbone, embed, model_type_of
 from .backbones import images_per_pass as default_images_per_pass
 from .cards import AdapterCardData, card_repo_id, render_adapter_card
-from .config import HyperFlowConfig, check_saved_fields
+from .config import FREE_FIELDS, HyperFlowConfig, check_saved_fields
 from .drift import DriftNet, TaskEncoding
 from .heads import class_prototypes
 from .hub import push_folder_to_hub, resolve_pretrained_folder
@@ -487,8 +487,9 @@ class HyperFlowAdapter:
         plot is drawn next to it)."""
         directory = Path(save_directory)
         self.model.save_pretrained(str(directory))
-        add_checksum(directory / SAFETENSORS_WEIGHTS_NAME)
         self.image_processor.save_pretrained(str(directory))
+        add_checksum(directory / SAFETENSORS_WEIGHTS_NAME,
+                     sidecars={directory / CONFIG_NAME: FREE_FIELDS, directory / PROCESSOR_FILE: ()})
         plot_path = None
         if results is not None:
             save_results_plot(results, directory / "accuracy_vs_latency.png")
@@ -539,7 +540,8 @@ class HyperFlowAdapter:
         processor = load_image_processor(folder)
         weights = folder / SAFETENSORS_WEIGHTS_NAME
         config.inference_mode = True
-        model = attach_adapter_checked(backbone, config, load_safetensors_checked(weights), weights)
+        tensors = load_safetensors_checked(weights, sidecars=(folder / CONFIG_NAME, folder / PROCESSOR_FILE))
+        model = attach_adapter_checked(backbone, config, tensors, weights)
         model.base_model.drift.requires_grad_(False)
         adapter = cls(model, image_processor=processor)
         adapter.name_or_path = str(pretrained)

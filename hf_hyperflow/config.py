@@ -12,7 +12,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 __all__ = ["HyperFlowConfig", "HYPERFLOW_PEFT_TYPE", "ADAPTED_GROUPS", "INTEGRATOR_NAMES", "STOPPING_RULES",
-           "CONFIG_FILE", "saved_fields", "check_saved_fields"]
+           "CONFIG_FILE", "FREE_FIELDS", "saved_fields", "check_saved_fields"]
 
 ADAPTED_GROUPS = ("lora", "shift", "head")
 INTEGRATOR_NAMES = ("euler", "midpoint", "heun", "rk4")
@@ -36,6 +36,10 @@ def _hyperflow_peft_type() -> PeftType:
 
 HYPERFLOW_PEFT_TYPE = _hyperflow_peft_type()
 CONFIG_FILE = "adapter_config.json"
+# Fields of a saved config free to change after saving: provenance, and the module patterns (a saved adapter
+# uses the modules it recorded in adapted_modules). Every other field sets what the saved weights compute.
+FREE_FIELDS = ("peft_version", "base_model_name_or_path", "revision", "task_type", "auto_mapping", "inference_mode",
+               "target_modules", "shift_modules", "exclude_modules")
 # Fields set when an adapter is created on a backbone; a saved adapter must hold them.
 FILLED_ON_CREATION = ("backbone_model_type", "feature_size", "adapted_modules", "backbone_fingerprint", "image_size")
 # PEFT reads these fields on every config; HyperFlow has its own ways to say what they say.

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -24,35 +24,49 @@ __all__ = ["CHECKSUM_KEY", "load_safetensors_checked", "save_safetensors", "add_
            "check_tensor_shapes", "attach_adapter_checked"]
 
 CHECKSUM_KEY = "tensors_sha256"
+SIDECAR_PREFIX = "saved:"  # metadata key of the copy of a JSON file saved beside the tensors
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` with ``metadata`` (default ``{"format": "pt"}``) and their checksum, through a temporary
-    file: a reader never sees half a file."""
+                     metadata: Mapping[str, str] | None = None, *,
+                     sidecars: Mapping[str | os.PathLike, Sequence[str]] | None = None) -> None:
+    """Write ``tensors`` with ``metadata`` (default ``{"format": "pt"}``), their checksum and a copy of each JSON file
+    of ``sidecars`` (``path -> fields left out``: fields free to change, such as provenance), through a temporary
+    file: a reader never sees half a file.
+
+    The copies are what :func:`load_safetensors_checked` compares the JSON files with: a config edited or damaged
+    after saving, which would change what the tensors compute, is found on load.
+    """
     path = Path(path)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     metadata = {**(metadata or {"format": "pt"}), CHECKSUM_KEY: tensors_sha256(tensors)}
+    for sidecar, ignored in (sidecars or {}).items():
+        recorded = {k: v for k, v in read_json_checked(sidecar).items() if k not in set(ignored)}
+        metadata[SIDECAR_PREFIX + Path(sidecar).name] = json.dumps(recorded, sort_keys=True)
     temporary = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(temporary), metadata=metadata)
     os.replace(temporary, path)
 
 
-def add_checksum(path: str | os.PathLike) -> None:
-    """Rewrite a safetensors file written by another library (PEFT) with the checksum of its tensors."""
+def add_checksum(path: str | os.PathLike, *, sidecars: Mapping[str | os.PathLike, Sequence[str]] | None = None) -> None:
+    """Rewrite a safetensors file written by another library (PEFT) with the checksum of its tensors and the copies
+    of its ``sidecars`` (see :func:`save_safetensors`)."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {"format": "pt"}
-    save_safetensors(load_file(str(path)), path, metadata)
+    save_safetensors(load_file(str(path)), path, metadata, sidecars=sidecars)
 
 
-def load_safetensors_checked(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+def load_safetensors_checked(path: str | os.PathLike, device: str = "cpu", *,
+                             sidecars: Sequence[str | os.PathLike] = ()) -> dict[str, torch.Tensor]:
     """Load a safetensors file and check its tensors against the checksum saved with them (a file without one, from
-    an older version or another library, loads with a warning).
+    an older version or another library, loads with a warning), and each JSON file of ``sidecars`` against the copy
+    saved with them (when there is one).
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file cannot be parsed (truncated download, interrupted save, not safetensors), or its
-            tensors do not match their checksum (damaged on disk or in transfer, or edited).
+        ValueError: the file cannot be parsed (truncated download, interrupted save, not safetensors), its tensors
+            do not match their checksum (damaged on disk or in transfer, or edited), or a sidecar JSON file differs
+            from its saved copy.
     """
     path = Path(path)
     if not path.is_file():
@@ -72,7 +86,30 @@ def load_safetensors_checked(path: str | os.PathLike, device: str = "cpu") -> di
     elif tensors_sha256(tensors) != expected:
         raise ValueError(f"{path} is damaged: its tensors do not match the checksum saved with them (flipped bits, "
                          "an interrupted copy, or an edit). Download or save it again.")
+    for sidecar in sidecars:
+        _compare_sidecar(Path(sidecar), metadata, path)
     return tensors
+
+
+def _compare_sidecar(sidecar: Path, metadata: Mapping[str, str], path: Path) -> None:
+    """The JSON file ``sidecar`` holds the values its copy in ``path``'s metadata recorded (if it has one)."""
+    recorded = metadata.get(SIDECAR_PREFIX + sidecar.name)
+    if recorded is None:
+        return
+    try:
+        recorded = json.loads(recorded)
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is damaged: its copy of {sidecar.name} is not valid JSON. Download or save it "
+                         "again.") from None
+    current = read_json_checked(sidecar)
+    changed = sorted(k for k in recorded if k not in current or current[k] != recorded[k])
+    if changed:
+        shown = ", ".join(f"{k} (file: {current.get(k, '<missing>')!r:.40}, saved: {recorded[k]!r:.40})"
+                          for k in changed[:4])
+        raise ValueError(f"{sidecar} differs from the copy saved with {path.name} in {shown}: it was edited or "
+                         "damaged after saving, and would not compute what was saved. Restore it or download it again; "
+                         "to change a setting, change it on the loaded object and save again (for another number of "
+                         "integration steps, pass steps= to adapt).")
 
 
 def check_tensor_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], path, fix: str) -> None:

@@ -39,6 +39,9 @@ __all__ = ["AdaptedTask", "HyperFlowEmbedder", "PeftEmbedder", "HEAD_FILE", "TAS
 
 HEAD_FILE = "hyperflow_head.safetensors"
 TASK_FILE = "hyperflow_task.json"
+# Fields of the saved JSON files free to change after saving (provenance); the others set what the task computes.
+TASK_PROVENANCE = ("source_adapter", "source_adapter_revision", "support_size", "base_model", "integration_time")
+PEFT_PROVENANCE = ("peft_version", "base_model_name_or_path", "revision", "task_type", "auto_mapping", "inference_mode")
 
 
 class HyperFlowEmbedder:
@@ -153,17 +156,16 @@ class AdaptedTask:
             )
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
+        lora_sidecars = {directory / CONFIG_NAME: PEFT_PROVENANCE}
         if self.state is not None:
             lora_config, tensors = self.to_lora()
             lora_config.save_pretrained(str(directory))
-            save_safetensors(tensors, directory / SAFETENSORS_WEIGHTS_NAME)
+            save_safetensors(tensors, directory / SAFETENSORS_WEIGHTS_NAME, sidecars=lora_sidecars)
             self._meta["backbone_model_type"] = model_type_of(self._tuner.model)
             self._meta["backbone_fingerprint"] = self._config.backbone_fingerprint
         else:
             self._embedder.peft_model.save_pretrained(str(directory))
-            add_checksum(directory / SAFETENSORS_WEIGHTS_NAME)
-        save_safetensors({"prototypes": self.prototypes, "logit_scale": self.logit_scale.reshape(()),
-                          "logit_bias": self.logit_bias.reshape(())}, directory / HEAD_FILE)
+            add_checksum(directory / SAFETENSORS_WEIGHTS_NAME, sidecars=lora_sidecars)
         meta = {
             "classes": self.classes,
             "label_kind": "str" if self.classes and isinstance(self.classes[0], str) else "int",
@@ -174,8 +176,10 @@ class AdaptedTask:
                                                     "base_model", "integration_time")},
         }
         (directory / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if self.image_processor is not None:
-            self.image_processor.save_pretrained(str(directory))
+        self.image_processor.save_pretrained(str(directory))
+        save_safetensors({"prototypes": self.prototypes, "logit_scale": self.logit_scale.reshape(()),
+                          "logit_bias": self.logit_bias.reshape(())}, directory / HEAD_FILE,
+                         sidecars={directory / TASK_FILE: TASK_PROVENANCE, directory / PROCESSOR_FILE: ()})
         card = self.model_card(repo_id or directory.name)
         card.save(str(directory / "README.md"))
 
@@ -234,7 +238,7 @@ class AdaptedTask:
         folder = resolve_pretrained_folder(pretrained, required_files=(TASK_FILE, HEAD_FILE, CONFIG_NAME,
                                                                       SAFETENSORS_WEIGHTS_NAME, PROCESSOR_FILE), **kwargs)
         meta = _task_meta(folder / TASK_FILE)
-        head = load_safetensors_checked(folder / HEAD_FILE)
+        head = load_safetensors_checked(folder / HEAD_FILE, sidecars=(folder / TASK_FILE, folder / PROCESSOR_FILE))
         check_tensor_shapes(head, {"prototypes": (len(meta["classes"]), meta["feature_size"]), "logit_scale": (),
                                    "logit_bias": ()}, folder / HEAD_FILE, f"It does not fit {TASK_FILE}: save the task "
                             "again.")
@@ -244,7 +248,7 @@ class AdaptedTask:
         if size != meta["feature_size"]:
             raise ValueError(f"This task expects features of size {meta['feature_size']}, but the backbone gives "
                              f"{size}: it was adapted on another backbone.")
-        tensors = load_safetensors_checked(folder / SAFETENSORS_WEIGHTS_NAME)
+        tensors = load_safetensors_checked(folder / SAFETENSORS_WEIGHTS_NAME, sidecars=(folder / CONFIG_NAME,))
         try:
             lora_config = LoraConfig.from_pretrained(str(folder))
         except (TypeError, ValueError, KeyError) as error:
