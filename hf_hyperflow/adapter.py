@@ -535,12 +535,13 @@ class HyperFlowAdapter:
         folder = resolve_pretrained_folder(pretrained, revision=revision, token=token,
                                            required_files=(CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, PROCESSOR_FILE))
         config = _saved_config(folder / CONFIG_NAME)
-        check_backbone(backbone, config.backbone_model_type, config.backbone_fingerprint, strict_backbone,
-                       "HyperFlow adapter")
         processor = load_image_processor(folder)
         weights = folder / SAFETENSORS_WEIGHTS_NAME
         config.inference_mode = True
+        # the files first (an edited fingerprint is an edited file), then the backbone they were made for
         tensors = load_safetensors_checked(weights, sidecars=(folder / CONFIG_NAME, folder / PROCESSOR_FILE))
+        check_backbone(backbone, config.backbone_model_type, config.backbone_fingerprint, strict_backbone,
+                       "HyperFlow adapter")
         model = attach_adapter_checked(backbone, config, tensors, weights)
         model.base_model.drift.requires_grad_(False)
         adapter = cls(model, image_processor=processor)
@@ -553,7 +554,9 @@ def _saved_config(path: Path) -> HyperFlowConfig:
     """The HyperFlowConfig saved at ``path``, every field present and of the right type."""
     raw = read_json_checked(path)
     if raw.get("peft_type") != "HYPERFLOW":
-        raise ValueError(f"{path.parent} holds a {raw.get('peft_type')!r} adapter, not a HyperFlow adapter.")
+        raise ValueError(f"{path} has peft_type={raw.get('peft_type')!r}, not 'HYPERFLOW': the folder does not hold a "
+                         "HyperFlow adapter (a plain LoRA adapter loads with PeftModel.from_pretrained), or the file "
+                         "was edited or damaged: save the adapter again.")
     check_saved_fields(raw, str(path))
     try:
         return HyperFlowConfig(**raw)

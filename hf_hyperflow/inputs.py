@@ -166,9 +166,15 @@ def load_image_processor(folder: Path):
     path = Path(folder) / PROCESSOR_FILE
     read_json_checked(path)
     try:
-        return AutoImageProcessor.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
-        raise ValueError(f"{path} is not a valid image processor config ({error}). Save it again.") from None
+        processor = AutoImageProcessor.from_pretrained(str(folder))
+        # a field of the wrong kind (a size of [], a mean of "x") shows only when an image is processed: try one
+        probe = processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"]
+        if probe.ndim != 4 or probe.shape[1] != 3 or probe.shape[2] < 1 or probe.shape[3] < 1:
+            raise ValueError(f"it turns an RGB image into pixel values of shape {tuple(probe.shape)}")
+    except Exception as error:  # whatever the processor raises on its own fields
+        raise ValueError(f"{path} is not a valid image processor config ({type(error).__name__}: {error}). Save it "
+                         "again.") from None
+    return processor
 
 
 def to_pixel_values(images, image_processor, device=None, dtype=None) -> torch.Tensor:

@@ -156,6 +156,10 @@ def attach_adapter_checked(backbone, config, tensors: Mapping[str, torch.Tensor]
 
     from .tuner.model import peft_wrapping
 
+    # PEFT's unload keeps the loaded copies of modules_to_save (a task's norms): keep their values to put back
+    entries = list(getattr(config, "modules_to_save", None) or [])
+    kept = {key: value.detach().clone() for key, value in backbone.state_dict().items()
+            if any(key.rsplit(".", 1)[0] == e or key.rsplit(".", 1)[0].endswith("." + e) for e in entries)}
     with peft_wrapping():
         model = PeftModel(backbone, config)
     try:
@@ -170,6 +174,10 @@ def attach_adapter_checked(backbone, config, tensors: Mapping[str, torch.Tensor]
         problems = problems or [f"cannot be loaded ({error})"]
     if problems:
         model.base_model.unload()
+        state = backbone.state_dict()
+        with torch.no_grad():
+            for key, value in kept.items():
+                state[key].copy_(value)
         raise ValueError(f"{path} does not fit {Path(path).parent / 'adapter_config.json'}: it {'; '.join(problems)}. "
                          "The two files come from different saves (or were edited): save them again.")
     return model

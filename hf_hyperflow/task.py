@@ -273,7 +273,8 @@ def _task_meta(path: Path) -> dict:
                                  "feature_size") if meta.get(name) is None]
     if missing:
         raise ValueError(f"{path} lacks the field(s) {missing}. {fix}")
-    classes, kind = meta["classes"], {"str": str, "int": int}.get(meta["label_kind"])
+    classes = meta["classes"]
+    kind = {"str": str, "int": int}.get(meta["label_kind"]) if isinstance(meta["label_kind"], str) else None
     if (kind is None or not isinstance(classes, list) or len(classes) < 2 or len(set(map(repr, classes))) != len(classes)
             or not all(type(c) is kind for c in classes)):
         raise ValueError(f"{path}: classes must be a list of at least two distinct labels of the kind label_kind says "
