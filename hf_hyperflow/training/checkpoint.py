@@ -1,27 +1,40 @@
-"""Checkpoints of a meta-training run and the files it writes.
+"""Checkpoints of a meta-training run and the files it writes; nothing is pickled.
 
-A checkpoint is ``accelerator.save_state`` (drift network as safetensors; optimizer, schedule and random
-states in Accelerate's own format) plus ``trainer_state.json`` (step, best validation, history), written to a
-temporary folder and renamed: it exists whole or not at all. ``best/`` and ``final/`` are HyperFlowAdapter
-folders (safetensors + JSON) with the training config and metrics beside them.
+A checkpoint folder ``checkpoints/step_NNNNNNN`` holds the drift network (``drift.safetensors``), AdamW's state
+(``optimizer.safetensors``: its tensors; ``optimizer.json``: its parameter groups), the learning-rate schedule
+(``scheduler.json``), each process's random number generators (``rng_<rank>.safetensors`` with ``rng_<rank>.json``:
+Python's, NumPy's, torch's CPU and CUDA generators) and ``trainer_state.json`` (step, best validation, history),
+written to a temporary folder and renamed: it exists whole or not at all. Resuming from one continues the run
+exactly as if it had not stopped.
+
+``best/`` and ``final/`` are HyperFlowAdapter folders (safetensors + JSON) with the training config and metrics
+beside them, written to a temporary folder and swapped in: the previous folder stays whole until the new one is.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import warnings
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
 from ..fingerprint import tensors_fingerprint
+from ..io import load_safetensors_checked, read_json_checked, save_safetensors
 
-__all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "list_checkpoints", "save_checkpoint", "resume_checkpoint",
-           "write_json", "save_adapter", "drift_fingerprint"]
+__all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "FINISHED_RUN_FILES", "list_checkpoints", "save_checkpoint",
+           "load_checkpoint", "resume_checkpoint", "recover_swapped_folders", "write_json", "save_adapter",
+           "drift_fingerprint"]
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+# What a run that got somewhere leaves in its output_dir: a fresh run there needs overwrite=True.
+FINISHED_RUN_FILES = ("final", "best", "metrics.json")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -33,36 +46,56 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def resume_checkpoint(output_dir: Path, resume: bool | str | os.PathLike) -> Path | None:
+def resume_checkpoint(output_dir: Path, resume: bool | str | os.PathLike, overwrite: bool = False) -> Path | None:
     """The checkpoint to start from: the latest with ``resume=True`` (None when there is none), the folder
     given, or None for a fresh run.
 
     Raises:
-        ValueError: ``resume`` names a folder that is not a checkpoint, or a fresh run would write into a
-            folder that holds an earlier run's checkpoints.
+        ValueError: ``resume`` names a folder that is not a checkpoint, or a fresh run would write into a folder
+            that holds an earlier run (its checkpoints, or its best/, final/ or metrics.json) without ``overwrite``.
     """
-    if not resume:
-        if list_checkpoints(output_dir):
-            raise ValueError(f"output_dir={str(output_dir)!r} holds checkpoints of an earlier run: pass resume=True "
-                             f"(recipes/train.py: --resume true) to continue it, or choose another output_dir.")
-        return None
-    checkpoint = Path(resume) if not isinstance(resume, bool) else (list_checkpoints(output_dir) or [None])[-1]
-    if checkpoint is not None and not (checkpoint / TRAINER_STATE).is_file():
-        raise ValueError(f"resume: {checkpoint} is not a checkpoint of this trainer (no {TRAINER_STATE}).")
-    return checkpoint
+    recover_swapped_folders(output_dir)
+    checkpoint = None
+    if resume:
+        checkpoint = Path(resume) if not isinstance(resume, bool) else (list_checkpoints(output_dir) or [None])[-1]
+        if checkpoint is not None and not (checkpoint / TRAINER_STATE).is_file():
+            raise ValueError(f"resume: {checkpoint} is not a checkpoint of this trainer (no {TRAINER_STATE}).")
+    if checkpoint is not None or overwrite:
+        return checkpoint
+    if list_checkpoints(output_dir):
+        raise ValueError(f"output_dir={str(output_dir)!r} holds checkpoints of an earlier run: pass resume=True "
+                         f"(recipes/train.py: --resume true) to continue it, overwrite=True (--overwrite true) to start "
+                         f"again there, or choose another output_dir.")
+    earlier = [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()]
+    if earlier:
+        raise ValueError(f"output_dir={str(output_dir)!r} holds an earlier run ({', '.join(earlier)}) and no checkpoint "
+                         f"to resume from: pass overwrite=True (recipes/train.py: --overwrite true) to replace it, or choose another "
+                         f"output_dir.")
+    return None
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
-    """``accelerator.save_state`` into a temporary folder, then renamed; the ``keep`` latest are kept."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict, keep: int, *, drift: nn.Module,
+                    optimizer, scheduler) -> Path:
+    """The checkpoint of step ``step`` (see the module's doc) into a temporary folder, then renamed; the ``keep``
+    latest are kept."""
     final = output_dir / CHECKPOINT_DIR / f"step_{step:07d}"
     temporary = output_dir / CHECKPOINT_DIR / f".tmp-step_{step:07d}"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
+    if accelerator.is_main_process:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary), safe_serialization=True)
+    _save_rng_states(temporary, accelerator.process_index)
+    if accelerator.is_main_process:
+        save_safetensors(drift.state_dict(), temporary / "drift.safetensors")
+        _save_optimizer(optimizer.state_dict(), temporary)
+        write_json(temporary / "scheduler.json", scheduler.state_dict())
+        scaler = getattr(accelerator, "scaler", None)
+        write_json(temporary / "accelerator.json", {"step": accelerator.step, "processes": accelerator.num_processes,
+                                                    "scaler": scaler.state_dict() if scaler is not None else None})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+        write_json(temporary / TRAINER_STATE, trainer_state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -70,6 +103,93 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dic
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path, *, drift: nn.Module, optimizer, scheduler) -> dict:
+    """Restore what :func:`save_checkpoint` saved; returns the trainer state.
+
+    Raises:
+        ValueError: a damaged or incomplete checkpoint (the file named), or one saved by another number of
+            processes.
+    """
+    if not (checkpoint / "drift.safetensors").is_file() and (checkpoint / "model.safetensors").is_file():
+        warnings.warn(f"{checkpoint} was written by an earlier version (Accelerate's save_state, with pickled random "
+                      "states): loaded with Accelerate; the next checkpoints are written without pickles.",
+                      stacklevel=3)
+        accelerator.register_for_checkpointing(scheduler)
+        accelerator.load_state(str(checkpoint))
+        return read_json_checked(checkpoint / TRAINER_STATE)
+    state = read_json_checked(checkpoint / TRAINER_STATE)
+    saved = read_json_checked(checkpoint / "accelerator.json")
+    if saved.get("processes") != accelerator.num_processes:
+        raise ValueError(f"{checkpoint} was saved by {saved.get('processes')} processes and this run has "
+                         f"{accelerator.num_processes}: each process's episodes and random states belong to its rank. "
+                         "Resume with the same number of processes.")
+    tensors = load_safetensors_checked(checkpoint / "drift.safetensors")
+    missing, unexpected = drift.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint / 'drift.safetensors'} does not fit this run's drift network (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}): it was saved with another adapter config.")
+    optimizer.load_state_dict(_load_optimizer(checkpoint))
+    scheduler.load_state_dict(read_json_checked(checkpoint / "scheduler.json"))
+    accelerator.step = saved["step"]
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and saved.get("scaler") is not None:
+        scaler.load_state_dict(saved["scaler"])
+    _load_rng_states(checkpoint, accelerator.process_index)
+    return state
+
+
+def _save_optimizer(state_dict: dict, folder: Path) -> None:
+    """``optimizer.safetensors`` (every tensor of the per-parameter state, ``<index>.<name>``) and
+    ``optimizer.json`` (the parameter groups and the state's other values)."""
+    tensors, values = {}, {}
+    for index, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value
+            else:
+                values[f"{index}.{name}"] = value
+    save_safetensors(tensors, folder / "optimizer.safetensors")
+    write_json(folder / "optimizer.json", {"param_groups": state_dict["param_groups"], "values": values})
+
+
+def _load_optimizer(folder: Path) -> dict:
+    tensors = load_safetensors_checked(folder / "optimizer.safetensors")
+    saved = read_json_checked(folder / "optimizer.json")
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *saved["values"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
+              for group in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _save_rng_states(folder: Path, rank: int) -> None:
+    """This process's random number generators: Python's and NumPy's (JSON and tensors), torch's CPU and CUDA."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
+    if torch.cuda.is_available():
+        for device, value in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{device}"] = value
+    save_safetensors(tensors, folder / f"rng_{rank}.safetensors")
+    write_json(folder / f"rng_{rank}.json", {"python": [version, list(internal), gauss],
+                                              "numpy": [kind, int(position), int(has_gauss), float(cached)]})
+
+
+def _load_rng_states(folder: Path, rank: int) -> None:
+    tensors = load_safetensors_checked(folder / f"rng_{rank}.safetensors")
+    saved = read_json_checked(folder / f"rng_{rank}.json")
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, position, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{d}"] for d in range(len(tensors)) if f"cuda.{d}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -81,12 +201,34 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def save_adapter(adapter, folder: Path, training_config: dict, metrics: dict) -> None:
-    """A HyperFlowAdapter folder (replacing ``folder``) with ``training_config.json`` and ``metrics.json``."""
+    """A HyperFlowAdapter folder with ``training_config.json`` and ``metrics.json``, written beside ``folder`` and
+    swapped in: until the new folder is whole the old one stays (a process killed between the two renames leaves
+    it as ``.old-<name>``, which :func:`recover_swapped_folders` puts back)."""
+    temporary, old = folder.with_name(f".tmp-{folder.name}"), folder.with_name(f".old-{folder.name}")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    adapter.save_pretrained(temporary)
+    write_json(temporary / "training_config.json", training_config)
+    write_json(temporary / "metrics.json", metrics)
     if folder.exists():
-        shutil.rmtree(folder)
-    adapter.save_pretrained(folder)
-    write_json(folder / "training_config.json", training_config)
-    write_json(folder / "metrics.json", metrics)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(folder, old)
+    os.replace(temporary, folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_swapped_folders(output_dir: Path) -> None:
+    """Undo a swap of :func:`save_adapter` that a killed process left half done: ``.old-best`` back to ``best``
+    when ``best`` is missing; leftover temporary folders removed."""
+    for name in ("best", "final"):
+        folder, old = output_dir / name, output_dir / f".old-{name}"
+        if old.is_dir() and not folder.exists():
+            os.replace(old, folder)
+        for leftover in (old, output_dir / f".tmp-{name}"):
+            if leftover.exists():
+                shutil.rmtree(leftover)
 
 
 def drift_fingerprint(drift: nn.Module) -> str:

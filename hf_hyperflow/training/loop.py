@@ -2,8 +2,8 @@
 
 Everything distributed goes through Accelerate: device placement, DDP (the module handed to
 ``accelerator.prepare`` is a :class:`~hf_hyperflow.training.losses.DriftObjective` whose only submodule is the
-drift network; the backbone is a plain attribute), gradient accumulation, bf16 autocast, ``save_state`` /
-``load_state`` checkpoints, trackers.
+drift network; the backbone is a plain attribute), gradient accumulation, bf16 autocast, trackers. Checkpoints
+are safetensors and JSON (:mod:`~hf_hyperflow.training.checkpoint`); a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ..inputs import PixelTransform
 from ..prefix import PrefixCache
 from ..registry import data_builders as data_builders_of_entry_points
 from .checkpoint import (
-    TRAINER_STATE,
     drift_fingerprint,
+    load_checkpoint,
     resume_checkpoint,
     save_adapter,
     save_checkpoint,
@@ -72,19 +72,20 @@ class TrainResult:
 
 def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, max_steps_this_run: int | None = None,
           cpu: bool | None = None, callback: Callable[[int, dict], None] | None = None,
-          data_builders: Mapping | None = None) -> TrainResult:
+          data_builders: Mapping | None = None, overwrite: bool = False) -> TrainResult:
     """Meta-train the drift network as ``config`` says (call it under ``accelerate launch`` for several processes).
 
     Args:
         config: a validated :class:`TrainConfig` (see :func:`~hf_hyperflow.training.load_config`).
         resume: True: continue from the latest checkpoint in ``<output_dir>/checkpoints`` (start afresh when
-            there is none); a path: from that checkpoint.
+            there is none); a path: from that checkpoint. A resumed run ends exactly as an uninterrupted one.
         max_steps_this_run: stop (with a checkpoint) after this many optimizer steps of this call.
         cpu: force CPU (overrides ``training.cpu``).
         callback: called as ``callback(step, record)`` on every rank after each optimizer step (and its
             checkpoint, if any).
         data_builders: name -> an object with ``build(output_dir)``: what builds a dataset whose ``builder`` is set
             and whose folder is missing; default: the installed ones (:func:`hf_hyperflow.registry.data_builders`).
+        overwrite: start afresh in an ``output_dir`` that holds an earlier run (else an error says so).
 
     Returns:
         A :class:`TrainResult`.
@@ -100,7 +101,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, max_
         check_int(max_steps_this_run, "max_steps_this_run", 1)
     output_dir = Path(config.output_dir)
     accelerator = start_accelerator(config, output_dir, cpu)
-    checkpoint = resume_checkpoint(output_dir, resume)
+    checkpoint = resume_checkpoint(output_dir, resume, overwrite)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "training_config.json", config.to_dict())
@@ -163,7 +164,6 @@ class _Run:
                                    prefix=self.prefix.prefix)
         optimizer, self.scheduler = build_optimizer(config, objective, adapter)
         self.objective, self.optimizer = accelerator.prepare(objective, optimizer)
-        accelerator.register_for_checkpointing(self.scheduler)
         self.drift = accelerator.unwrap_model(self.objective).drift
         self.state = {"step": 0, "best_accuracy": None, "best_step": None, "history": [], "validations": [],
                       "train_seconds": 0.0, "direct_transfer": None, "processes": self.world}
@@ -188,8 +188,8 @@ class _Run:
         open this rank's episodes; returns ``(start_step, end_step)`` of this call."""
         run, accelerator = self.config.training, self.accelerator
         if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            self.state = json.loads((checkpoint / TRAINER_STATE).read_text())
+            self.state = load_checkpoint(accelerator, checkpoint, drift=self.drift, optimizer=self.optimizer,
+                                         scheduler=self.scheduler)
             if accelerator.is_local_main_process:
                 tqdm.write(f"resumed from {checkpoint} at step {self.state['step']}")
         start = self.state["step"]
@@ -293,7 +293,8 @@ class _Run:
         if step % self.config.validation.every == 0 or step == run.max_steps:
             self.validate(step)
         if step % run.checkpoint_every == 0 or step == end:
-            save_checkpoint(self.accelerator, self.output_dir, step, self.state, run.keep_checkpoints)
+            save_checkpoint(self.accelerator, self.output_dir, step, self.state, run.keep_checkpoints, drift=self.drift,
+                            optimizer=self.optimizer, scheduler=self.scheduler)
             if self.accelerator.is_main_process:
                 write_json(self.output_dir / "metrics.json", self.metrics())
 
