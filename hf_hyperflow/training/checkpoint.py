@@ -66,11 +66,12 @@ def resume_checkpoint(output_dir: Path, resume: bool | str | os.PathLike, overwr
         raise ValueError(f"output_dir={str(output_dir)!r} holds checkpoints of an earlier run: pass resume=True "
                          f"(recipes/train.py: --resume true) to continue it, overwrite=True (--overwrite true) to start "
                          f"again there, or choose another output_dir.")
-    earlier = [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()]
+    # resuming a run stopped before its first checkpoint starts it again; a finished run is never started again
+    earlier = [name for name in (("final",) if resume else FINISHED_RUN_FILES) if (output_dir / name).exists()]
     if earlier:
         raise ValueError(f"output_dir={str(output_dir)!r} holds an earlier run ({', '.join(earlier)}) and no checkpoint "
-                         f"to resume from: pass overwrite=True (recipes/train.py: --overwrite true) to replace it, or choose another "
-                         f"output_dir.")
+                         f"to resume from: pass overwrite=True (recipes/train.py: --overwrite true) to replace it, or "
+                         f"choose another output_dir.")
     return None
 
 

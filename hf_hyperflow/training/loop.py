@@ -193,6 +193,8 @@ class _Run:
             if accelerator.is_local_main_process:
                 tqdm.write(f"resumed from {checkpoint} at step {self.state['step']}")
         start = self.state["step"]
+        if start >= run.max_steps and not (self.output_dir / "final").is_dir():
+            return start, start  # stopped after its last checkpoint, before final/: only the end is left to do
         if start >= run.max_steps:
             raise ValueError(f"training.max_steps={run.max_steps}: the checkpoint is at step {start} already; raise "
                              f"training.max_steps to train further.")
@@ -340,16 +342,14 @@ class _Run:
         metrics["drift_fingerprints"] = fingerprints
         metrics["prefix_cache"] = {"images_kept": self.prefix.images_kept, "mb": self.prefix.used_bytes / 2**20,
                                    "hits": self.prefix.hits, "misses": self.prefix.misses}
-        final_dir = None
-        if step == self.config.training.max_steps:
-            final_dir = output_dir / "final"
-            if accelerator.is_main_process:
-                save_adapter(self.adapter, final_dir, self.config.to_dict(), {**metrics, "step": step})
-        if accelerator.is_main_process:
+        final_dir = output_dir / "final" if step == self.config.training.max_steps else None
+        if accelerator.is_main_process:  # final/ last: its presence says the run is finished
             write_json(output_dir / "metrics.json", metrics)
             if not self.validation_samplers and final_dir is not None:
                 save_adapter(self.adapter, output_dir / "best", self.config.to_dict(),
                              {**metrics, "step": step, "validation": None})
+            if final_dir is not None:
+                save_adapter(self.adapter, final_dir, self.config.to_dict(), {**metrics, "step": step})
         accelerator.wait_for_everyone()
         if self.config.training.report_to:
             accelerator.end_training()

@@ -1,0 +1,181 @@
+"""Meta-training killed with SIGKILL at random moments and resumed each time ends bit for bit where an
+uninterrupted run ends (drift weights, best and final adapters, validation accuracies, the episodes of each
+step), at default settings: frozen-prefix cache on, both losses, trajectories recorded first (resumable too).
+
+Each run is a real subprocess (``train(..., resume=True)``, as ``recipes/train.py --resume`` does); the kills
+land anywhere: while the trajectories are recorded, in a step, while a checkpoint or ``best/`` is written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+KILLS = 3
+SEED = int(os.environ.get("HYPERFLOW_FAULT_SEED", "0"))  # another seed: other kill moments
+DRIVER = """
+import json, sys
+from hf_hyperflow.training import config_from_dict, train
+config = config_from_dict(json.loads(open(sys.argv[1]).read()))
+def say(step, record):
+    print(f"step {step}", flush=True)
+train(config, resume=True, callback=say)
+print("done", flush=True)
+"""
+
+
+def _dataset(folder: Path) -> str:
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    grid = np.arange(32)
+    for c in range(10):
+        colour = rng.uniform(40, 215, size=3)
+        stripes = np.sin((grid[:, None] * math.cos(c) + grid[None, :] * math.sin(c)) * (0.3 + 0.05 * c))
+        for _ in range(8):
+            pixels = colour[None, None] * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 20, (32, 32, 3))
+            buffer = io.BytesIO()
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+            labels.append(c)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[f"c{c}" for c in range(10)])})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(folder))
+    return str(folder)
+
+
+def _config(output_dir: Path, source: str) -> dict:
+    """A run of a few seconds at default settings (prefix cache on), checkpoints every 2 of 8 steps."""
+    return {
+        "output_dir": str(output_dir),
+        "backbone": {"random_init": {"model_type": "resnet", "embedding_size": 16, "hidden_sizes": [16, 32],
+                                     "depths": [1, 1], "layer_type": "basic", "seed": 0}},
+        "adapter": {"groups": ["lora", "shift", "head"], "r": 2, "first_adapted_block": -1, "image_size": 32,
+                    "steps": 3, "hidden_size": 32, "output_rank": 8},
+        "datasets": [{"source": source, "class_split": {"fractions": [0.6, 0.4, 0.0], "seed": 0}}],
+        "episodes": {"ways": 3, "shots": 2, "queries": 3, "seed": 0},
+        "losses": {"unrolled": 1.0, "flow": 0.5},
+        "flow": {"generate": {"episodes": 4, "steps": 4, "lr": 0.01}, "trajectories_per_step": 4},
+        "validation": {"episodes": 4, "every": 3, "tasks_per_batch": 4},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 1},
+        "training": {"max_steps": 8, "episodes_per_step": 4, "checkpoint_every": 2, "log_every": 2, "threads": 1,
+                     "log_episodes": True},
+    }
+
+
+def _start(config_file: Path, driver: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(driver), str(config_file)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _run_to_the_end(config_file: Path, driver: Path) -> str:
+    process = _start(config_file, driver)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0 and "done" in out, out[-3000:]
+    return out
+
+
+def _kill_at_random(config_file: Path, driver: Path, rng: random.Random) -> str:
+    """Start the run and SIGKILL it at a random moment: after a random number of steps of this start (0: before
+    its first step, during start-up or trajectory recording) and a random delay; returns where it was."""
+    process = _start(config_file, driver)
+    wait_steps, delay = rng.randint(0, 3), rng.uniform(0.0, 1.5)
+    seen, lines = 0, []
+    began = time.monotonic()
+    while seen < wait_steps:
+        line = process.stdout.readline()
+        lines.append(line)
+        if not line:  # the run ended before the moment chosen
+            process.wait(timeout=60)
+            assert process.returncode == 0, "".join(lines)[-3000:]
+            return "finished before the kill"
+        seen += line.startswith("step ")
+        assert time.monotonic() - began < 300, "the run made no progress"
+    if wait_steps == 0:
+        delay += rng.uniform(3.0, 15.0)  # somewhere in start-up, trajectory recording or the first steps
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    return f"killed {delay:.2f} s after {seen} step(s) of this start"
+
+
+def test_killed_at_random_moments_and_resumed_equals_uninterrupted(tmp_path):
+    source = _dataset(tmp_path / "data")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    runs = {}
+    for name in ("whole", "killed"):
+        runs[name] = tmp_path / f"{name}.json"
+        runs[name].write_text(json.dumps(_config(tmp_path / name, source)))
+    _run_to_the_end(runs["whole"], driver)
+
+    rng = random.Random(SEED)
+    moments = []
+    while len(moments) < KILLS and not (tmp_path / "killed" / "final").is_dir():  # final/ is written last
+        moments.append(_kill_at_random(runs["killed"], driver, rng))
+    if not (tmp_path / "killed" / "final").is_dir():
+        _run_to_the_end(runs["killed"], driver)
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for folder in ("final", "best"):
+        expected = load_file(str(whole / folder / "adapter_model.safetensors"))
+        got = load_file(str(killed / folder / "adapter_model.safetensors"))
+        assert got.keys() == expected.keys()
+        differ = [k for k in expected if not got[k].equal(expected[k])]
+        assert not differ, f"{folder}/ differs after kills {moments}: {differ[:3]}"
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (whole, killed)]
+    assert [v["accuracy"] for v in metrics[1]["validations"]] == [v["accuracy"] for v in metrics[0]["validations"]]
+    assert metrics[1]["best_step"] == metrics[0]["best_step"] and metrics[1]["step"] == 8
+    log = [(run / "episodes" / "rank_0.jsonl").read_text() for run in (whole, killed)]
+    assert log[1] == log[0]
+    leftovers = [p.name for p in killed.rglob("*") if p.name.startswith((".tmp-", ".old-"))]
+    assert not leftovers, leftovers
+    assert not [p for p in killed.rglob("*.pkl")], "a checkpoint holds pickles"
+
+
+def test_finished_run_is_not_overwritten(tmp_path):
+    from hf_hyperflow.training import config_from_dict, train
+    from hf_hyperflow.training.checkpoint import recover_swapped_folders, save_adapter
+
+    folder = tmp_path / "run"
+    (folder / "final").mkdir(parents=True)
+    (folder / "final" / "adapter_model.safetensors").write_bytes(b"the finished run's weights")
+    config = config_from_dict(_config(folder, _dataset(tmp_path / "data")))
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=r"holds an earlier run \(final\) and no checkpoint to resume from: pass "
+                                             r"--overwrite"):
+            train(config, resume=resume)
+    assert (folder / "final" / "adapter_model.safetensors").read_bytes() == b"the finished run's weights"
+
+    # a swap of best/ killed half way: the previous best/ comes back whole
+    (folder / ".old-best").mkdir()
+    (folder / ".old-best" / "adapter_model.safetensors").write_bytes(b"previous best")
+    (folder / ".tmp-best").mkdir()
+    recover_swapped_folders(folder)
+    assert (folder / "best" / "adapter_model.safetensors").read_bytes() == b"previous best"
+    assert not (folder / ".tmp-best").exists() and not (folder / ".old-best").exists()
+
+    class Saving:
+        def save_pretrained(self, path):
+            Path(path).mkdir()
+            (Path(path) / "adapter_model.safetensors").write_bytes(b"new best")
+
+    save_adapter(Saving(), folder / "best", {}, {})
+    assert (folder / "best" / "adapter_model.safetensors").read_bytes() == b"new best"
+    assert sorted(p.name for p in folder.iterdir()) == ["best", "final"]
