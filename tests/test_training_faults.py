@@ -95,7 +95,7 @@ def _kill_at_random(config_file: Path, driver: Path, rng: random.Random) -> str:
     """Start the run and SIGKILL it at a random moment: after a random number of steps of this start (0: before
     its first step, during start-up or trajectory recording) and a random delay; returns where it was."""
     process = _start(config_file, driver)
-    wait_steps, delay = rng.randint(0, 3), rng.uniform(0.0, 1.5)
+    wait_steps, delay = rng.choice([0, 1, 1, 2, 2, 3]), rng.uniform(0.0, 1.5)
     seen, lines = 0, []
     began = time.monotonic()
     while seen < wait_steps:
