@@ -33,7 +33,7 @@ from .io import (
     save_safetensors,
 )
 from .state import TaskState
-from .tuner.model import HyperFlowModel, peft_wrapping
+from .tuner.model import HyperFlowModel
 
 __all__ = ["AdaptedTask", "HyperFlowEmbedder", "PeftEmbedder", "HEAD_FILE", "TASK_FILE"]
 

@@ -15,9 +15,10 @@ Two real processes on a CPU machine (gloo):
 (``accelerate launch --cpu --num_processes 2`` starts only one process.) GPUs, several machines, FSDP /
 DeepSpeed: see recipes/configs/README.md.
 
-The run folder (``output_dir``) gets: training_config.{yaml,json}, checkpoints/step_NNNNNNN (accelerate
-``save_state``; ``--resume true`` continues from the latest), best/ and final/ (HyperFlowAdapter folders with the
-training config and metrics), metrics.json, and with a random backbone, backbone/.
+The run folder (``output_dir``) gets: training_config.{yaml,json}, checkpoints/step_NNNNNNN (safetensors +
+JSON; ``--resume true`` continues from the latest, bit for bit), best/ and final/ (HyperFlowAdapter folders with the
+training config and metrics; final/ is written last), metrics.json, and with a random backbone, backbone/. A folder
+holding an earlier run is refused unless ``--resume true`` or ``--overwrite true``.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def test_killed_at_random_moments_and_resumed_equals_uninterrupted(tmp_path):
 
 def test_finished_run_is_not_overwritten(tmp_path):
     from hf_hyperflow.training import config_from_dict, train
-    from hf_hyperflow.training.checkpoint import recover_swapped_folders, save_adapter
+    from hf_hyperflow.training.checkpoint import clear_run, recover_swapped_folders, save_adapter
 
     folder = tmp_path / "run"
     (folder / "final").mkdir(parents=True)
@@ -159,9 +159,12 @@ def test_finished_run_is_not_overwritten(tmp_path):
     config = config_from_dict(_config(folder, _dataset(tmp_path / "data")))
     for resume in (False, True):
         with pytest.raises(ValueError, match=r"holds an earlier run \(final\) and no checkpoint to resume from: pass "
-                                             r"--overwrite"):
+                                             r"overwrite=True \(recipes/train.py: --overwrite true\)"):
             train(config, resume=resume)
     assert (folder / "final" / "adapter_model.safetensors").read_bytes() == b"the finished run's weights"
+    (folder / "metrics.json").write_text("{}")
+    clear_run(folder)  # what overwrite=True does before the new run writes anything
+    assert not (folder / "final").exists() and not (folder / "metrics.json").exists()
 
     # a swap of best/ killed half way: the previous best/ comes back whole
     (folder / ".old-best").mkdir()
@@ -178,4 +181,4 @@ def test_finished_run_is_not_overwritten(tmp_path):
 
     save_adapter(Saving(), folder / "best", {}, {})
     assert (folder / "best" / "adapter_model.safetensors").read_bytes() == b"new best"
-    assert sorted(p.name for p in folder.iterdir()) == ["best", "final"]
+    assert sorted(p.name for p in folder.iterdir()) == ["best"]

@@ -32,6 +32,8 @@ class TrainCommand(TrainConfig):
 
     resume: bool | str = option("true: continue from the latest checkpoint of output_dir (start afresh when there "
                                 "is none); a folder: from that checkpoint.", False)
+    overwrite: bool = option("true: start afresh in an output_dir that holds an earlier run (its checkpoints, best/, "
+                             "final/ and metrics are removed first); without it such a folder is refused.", False)
     max_steps_this_run: int | None = option("Stop after this many optimizer steps (with a checkpoint); --resume "
                                             "true continues.")
     cpu: bool = option("Run on CPU even where an accelerator exists.", False)
@@ -74,7 +76,7 @@ def run_train(command: TrainCommand) -> dict:
     from ..training.loop import train
 
     result = train(command, resume=command.resume, max_steps_this_run=command.max_steps_this_run,
-                   cpu=True if command.cpu else None)
+                   cpu=True if command.cpu else None, overwrite=command.overwrite)
     fingerprints = result.metrics.get("drift_fingerprints")
     if fingerprints and len(set(fingerprints)) > 1:
         raise DriftMismatchError(f"the drift networks of the processes differ: {fingerprints}")

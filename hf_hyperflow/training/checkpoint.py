@@ -28,7 +28,7 @@ from ..fingerprint import tensors_fingerprint
 from ..io import load_safetensors_checked, read_json_checked, save_safetensors
 
 __all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "FINISHED_RUN_FILES", "list_checkpoints", "save_checkpoint",
-           "load_checkpoint", "resume_checkpoint", "recover_swapped_folders", "write_json", "save_adapter",
+           "load_checkpoint", "resume_checkpoint", "recover_swapped_folders", "clear_run", "write_json", "save_adapter",
            "drift_fingerprint"]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -218,6 +218,17 @@ def save_adapter(adapter, folder: Path, training_config: dict, metrics: dict) ->
     os.replace(temporary, folder)
     if old.exists():
         shutil.rmtree(old)
+
+
+def clear_run(output_dir: Path) -> None:
+    """Remove what an earlier run wrote in ``output_dir`` (checkpoints, best/, final/, metrics, episode logs), as a
+    fresh run with ``overwrite=True`` does; datasets, trajectories and a backbone folder stay."""
+    for name in (CHECKPOINT_DIR, "episodes", *FINISHED_RUN_FILES):
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def recover_swapped_folders(output_dir: Path) -> None:

@@ -353,7 +353,7 @@ class RunSection:
                                    "divisible by processes x gradient_accumulation_steps.", 8)
     gradient_accumulation_steps: int = option("Micro-batches per optimizer step.", 1)
     mixed_precision: str = option("'no', 'bf16' (CPU and GPU) or 'fp16' (GPU).", "no")
-    checkpoint_every: int = option("accelerator.save_state every N steps.", 100)
+    checkpoint_every: int = option("A checkpoint (safetensors + JSON) every N steps.", 100)
     keep_checkpoints: int = option("Most recent checkpoints kept.", 2)
     log_every: int = option("Steps between records of the training history.", 10)
     report_to: str | None = option(f"Tracker: null, {' or '.join(TRACKERS)}.")

@@ -25,6 +25,7 @@ from ..inputs import PixelTransform
 from ..prefix import PrefixCache
 from ..registry import data_builders as data_builders_of_entry_points
 from .checkpoint import (
+    clear_run,
     drift_fingerprint,
     load_checkpoint,
     resume_checkpoint,
@@ -103,6 +104,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, max_
     accelerator = start_accelerator(config, output_dir, cpu)
     checkpoint = resume_checkpoint(output_dir, resume, overwrite)
     if accelerator.is_main_process:
+        if checkpoint is None and overwrite:  # the earlier run's results go before this one writes any
+            clear_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "training_config.json", config.to_dict())
         (output_dir / "training_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
