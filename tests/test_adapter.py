@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import IMAGE_SIZE, make_backbone, randomize_drift
+from tolerances import assert_same_math
 
 from hf_hyperflow import AdaptedTask, HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.backbones import embed
@@ -44,10 +45,9 @@ class TestEveryBackbone:
         images, labels = support()
         task = adapter.adapt(images, labels)
         # An untrained drift network predicts zero drift: theta stays at theta_0 (B = 0, shifts 0).
-        torch.testing.assert_close(task.embed(x), expected, rtol=1e-5, atol=1e-5)
+        assert_same_math(task.embed(x), expected)
         # ... and a zero head delta: the prototypes are direct transfer's.
-        torch.testing.assert_close(task.prototypes, adapter.direct_transfer(images, labels).prototypes,
-                                   rtol=1e-5, atol=1e-6)
+        assert_same_math(task.prototypes, adapter.direct_transfer(images, labels).prototypes)
         assert task.logits(x).shape == (x.shape[0], WAYS)
 
     def test_random_drift_changes_features(self, model_type):
@@ -66,11 +66,10 @@ class TestEveryBackbone:
         together = adapter.adapt_many(tasks)
         for (images, labels), batched in zip(tasks, together, strict=True):
             alone = adapter.adapt(images, labels)
-            torch.testing.assert_close(batched.logits(x), alone.logits(x), rtol=1e-4, atol=1e-5)
+            assert_same_math(batched.logits(x), alone.logits(x))
         equal = [support(4), support(5)]
         for (images, labels), batched in zip(equal, adapter.adapt_many(equal), strict=True):
-            torch.testing.assert_close(batched.logits(x), adapter.adapt(images, labels).logits(x), rtol=1e-4,
-                                       atol=1e-5)
+            assert_same_math(batched.logits(x), adapter.adapt(images, labels).logits(x))
 
     def test_adapter_save_load_round_trip(self, model_type, tmp_path):
         adapter = make_adapter(model_type)
@@ -78,8 +77,7 @@ class TestEveryBackbone:
         loaded = HyperFlowAdapter.from_pretrained(make_backbone(model_type), tmp_path / "adapter")
         images, labels = support()
         x = queries()
-        torch.testing.assert_close(loaded.adapt(images, labels).logits(x), adapter.adapt(images, labels).logits(x),
-                                   rtol=1e-5, atol=1e-5)
+        assert_same_math(loaded.adapt(images, labels).logits(x), adapter.adapt(images, labels).logits(x))
         assert not any(p.requires_grad for p in loaded.drift.parameters())
 
     def test_task_save_load_round_trip(self, model_type, tmp_path):
@@ -88,8 +86,8 @@ class TestEveryBackbone:
         task.save_pretrained(tmp_path / "task")
         loaded = AdaptedTask.from_pretrained(make_backbone(model_type), tmp_path / "task")
         x = queries()
-        torch.testing.assert_close(loaded.embed(x), task.embed(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(loaded.logits(x), task.logits(x), rtol=1e-5, atol=1e-5)
+        assert_same_math(loaded.embed(x), task.embed(x))
+        assert_same_math(loaded.logits(x), task.logits(x))
         assert loaded.classes == task.classes
 
     def test_merge_single_task_then_restore(self, model_type):
@@ -101,8 +99,8 @@ class TestEveryBackbone:
             with adapter.tuner.merged_task(task.state):
                 merged = embed(adapter.backbone, x)
             after = embed(adapter.backbone, x)
-        torch.testing.assert_close(merged, task.embed(x), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+        assert_same_math(merged, task.embed(x))
+        assert_same_math(after, before)
 
     def test_adapt_uses_no_autograd(self, model_type):
         adapter = make_adapter(model_type)
@@ -145,9 +143,9 @@ def test_first_pass_runs_early_blocks_a_few_images_at_a_time(model_type, first_a
     # (timm's EfficientNet); in a ViT (blocks of one size) every block runs 4 images at a time.
     assert seen_first == [4, 4, 1] + ([] if first_adapted_block is not None else [9]) + [4, 4, 1]
     assert seen_last == ([9, 9, 9] if model_type == "timm_wrapper" else [4, 4, 1, 9, 4, 4, 1])
-    torch.testing.assert_close(parts.prototypes, whole.prototypes, rtol=1e-5, atol=1e-6)
+    assert_same_math(parts.prototypes, whole.prototypes)
     for key in whole.state:
-        torch.testing.assert_close(parts.state[key], whole.state[key], rtol=1e-5, atol=1e-6)
+        assert_same_math(parts.state[key], whole.state[key])
 
 
 def test_later_blocks_and_adapted_pass_in_bounded_passes():
@@ -165,7 +163,7 @@ def test_later_blocks_and_adapted_pass_in_bounded_passes():
     handle.remove()
     assert seen == [5, 4, 4, 5]  # first pass: images 0-4, 5-8; adapted pass: task 0, then tasks 1 and 2
     for a, b in zip(bounded, whole, strict=True):
-        torch.testing.assert_close(a.logits(x), b.logits(x), rtol=1e-4, atol=1e-5)
+        assert_same_math(a.logits(x), b.logits(x))
 
 
 def test_adapt_many_in_chunks_equals_one_by_one():
@@ -176,8 +174,7 @@ def test_adapt_many_in_chunks_equals_one_by_one():
         together = adapter.adapt_many(tasks, tasks_per_batch=tasks_per_batch)
         assert len(together) == len(tasks)
         for (images, labels), batched in zip(tasks, together, strict=True):
-            torch.testing.assert_close(batched.logits(x), adapter.adapt(images, labels).logits(x), rtol=1e-4,
-                                       atol=1e-5)
+            assert_same_math(batched.logits(x), adapter.adapt(images, labels).logits(x))
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -249,8 +246,8 @@ def test_adapt_runs_the_frozen_prefix_once_and_matches_the_uncached_path(model_t
     handle.remove()
     adapter._frozen_prefix = None  # the uncached path
     uncached = adapter.adapt(images, labels)
-    torch.testing.assert_close(cached.prototypes, uncached.prototypes, rtol=1e-5, atol=1e-6)
+    assert_same_math(cached.prototypes, uncached.prototypes)
     for key in cached.state:
-        torch.testing.assert_close(cached.state[key], uncached.state[key], rtol=1e-5, atol=1e-6)
+        assert_same_math(cached.state[key], uncached.state[key])
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import digit_images, missing_requirement, randomize_drift, write_image_folder
+from tolerances import assert_same_math
 from transformers import AutoModel
 
 from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
@@ -225,7 +226,7 @@ def assert_page_equals_api(page, adapter, images, labels, queries, truth) -> Non
     for column, task, expected in zip((1, 3), tasks, probabilities, strict=True):
         assert [row[column] for row in rows] == task.predict(queries)
         shown = torch.tensor([float(row[column + 1]) for row in rows])
-        torch.testing.assert_close(shown, expected.max(-1).values, rtol=0, atol=1e-5)
+        assert_same_math(shown, expected.max(-1).values)
     assert [row[-1] for row in rows] == truth
     accuracies = app.accuracy_along_steps(adapter, images, labels, queries, truth)
     assert list(accuracies) == [0, 1, 2, 4]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import IMAGE_SIZE, MODEL_TYPES, make_backbone, randomize_drift
 from safetensors.torch import load_file, save_file
+from tolerances import assert_same_math
 
 from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.backbones import BACKBONE_TABLE
@@ -93,7 +94,7 @@ def stock_peft_features(tmp_path_factory):
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_stock_peft_export_reproduces_task_embed(model_type, stock_peft_features):
     expected, got = stock_peft_features
-    torch.testing.assert_close(got[model_type], expected[model_type], rtol=1e-5, atol=1e-5)
+    assert_same_math(got[model_type], expected[model_type])
 
 
 def test_exported_config_is_plain_lora(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import digit_images, make_backbone, randomize_drift, save_tiny_adapter, write_image_folder
+from tolerances import assert_same_math
 from transformers import AutoModel, pipeline
 
 from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
@@ -46,7 +47,7 @@ def assert_matches(results, probabilities, classes, top_k):
     for entries, row in zip(results, probabilities, strict=True):
         order = torch.argsort(row, descending=True, stable=True)[:top_k].tolist()
         assert [e["label"] for e in entries] == [classes[i] for i in order]
-        torch.testing.assert_close(torch.tensor([e["score"] for e in entries]), row[order], rtol=0, atol=1e-5)
+        assert_same_math(torch.tensor([e["score"] for e in entries]), row[order])
         assert [e["score"] for e in entries] == sorted((e["score"] for e in entries), reverse=True)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import IMAGE_SIZE, make_backbone
+from tolerances import assert_same_math
 
 from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.backbones import embed
@@ -29,7 +30,7 @@ def test_embed_and_keep_is_embed_plus_the_prefix_output(model_type):
     computed = []  # outputs the stem's convolution really computed (a placeholder is a zero with stride 0)
     handle = stem.register_forward_hook(lambda module, args, out: computed.append(min(out.stride()) > 0))
     with torch.no_grad(), prefix.replaced(output, pixels.shape[0]):
-        torch.testing.assert_close(embed(adapter.backbone, pixels), features, rtol=1e-6, atol=1e-6)
+        assert_same_math(embed(adapter.backbone, pixels), features)
     handle.remove()
     assert not any(computed)
 
@@ -64,7 +65,7 @@ def test_skipping_the_prefix_with_its_output_gives_the_same_features(model_type)
         expected = embed(adapter.backbone, x)
         with skip_prefix(prefix, prefix.compute(x), x.shape[0]):
             skipped = embed(adapter.backbone, x)
-    torch.testing.assert_close(skipped, expected, rtol=1e-5, atol=1e-6)
+    assert_same_math(skipped, expected)
     assert skip_prefix(None, None, 4).__class__.__name__ == "nullcontext"
 
 
@@ -93,4 +94,4 @@ def test_the_cache_keeps_outputs_per_image_within_its_budget():
     with torch.no_grad():
         expected = embed(adapter.backbone, x)
         with cache.context(x, ["a", "b", "c", "d"]):
-            torch.testing.assert_close(embed(adapter.backbone, x), expected, rtol=1e-5, atol=1e-6)
+            assert_same_math(embed(adapter.backbone, x), expected)

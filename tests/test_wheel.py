@@ -57,7 +57,7 @@ STOCK_PEFT = textwrap.dedent("""
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(out / "backbone").eval(), out / "task").eval()
     with torch.no_grad():
         features = model.base_model.model(pixel_values=expected["queries"]).last_hidden_state[:, 0]  # ViT: CLS
-    torch.testing.assert_close(features, expected["features"], rtol=1e-5, atol=1e-5)
+    assert_same_math(features, expected["features"])
     assert "hf_hyperflow" not in sys.modules
     print("stock peft ok")
 """)
