@@ -24,7 +24,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 from torch.profiler import record_function
 
-from .backbones import check_backbone, embed, model_type_of
+from .backbones import check_backbone, check_no_adapter, embed, model_type_of
 from .backbones import images_per_pass as default_images_per_pass
 from .cards import AdapterCardData, card_repo_id, render_adapter_card
 from .config import FREE_FIELDS, HyperFlowConfig, check_saved_fields
@@ -117,6 +117,7 @@ class HyperFlowAdapter:
             self.model = backbone
         else:
             model_type_of(backbone)
+            check_no_adapter(backbone, "a new HyperFlow adapter")
             config = copy.deepcopy(config) if config is not None else HyperFlowConfig()
             if not isinstance(config, HyperFlowConfig):
                 raise TypeError(f"config must be a HyperFlowConfig, got {type(config).__name__}.")
@@ -128,6 +129,11 @@ class HyperFlowAdapter:
         self.revision: str | None = None
         self.images_per_pass: int | None = None
         self.images_per_late_pass: int | None = None
+
+    def unload(self) -> nn.Module:
+        """Take the HyperFlow layers out of the backbone and return it as it was before (PEFT's ``unload``), e.g. to
+        load another adapter onto it; this adapter and the tasks it adapted cannot be used afterwards."""
+        return self.model.unload()
 
     # -- parts -------------------------------------------------------------------------------------
     @property

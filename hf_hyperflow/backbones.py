@@ -8,9 +8,11 @@ vector per image is pooled. Everything else is the same for every backbone: :fun
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,8 +23,10 @@ __all__ = [
     "BACKBONE_TABLE",
     "BackboneSpec",
     "backbone_spec",
+    "check_no_adapter",
     "embed",
     "images_per_pass",
+    "load_backbone",
     "model_type_of",
     "probe_feature_size",
     "resolve_adapted_modules",
@@ -115,6 +119,51 @@ def model_type_of(backbone: nn.Module) -> str:
             f"{type(backbone).__name__}. Load one with transformers.AutoModel.from_pretrained(...)."
         )
     return model_type
+
+
+def load_backbone(name_or_path: str | os.PathLike, *, option: str = "backbone") -> nn.Module:
+    """``AutoModel.from_pretrained(name_or_path)`` in eval mode, with errors that say what was wrong with the name.
+
+    A local path (see :func:`hf_hyperflow.hub.looks_local`) must be a folder holding ``config.json``; anything else
+    is taken as a Hub id.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist, or a folder without ``config.json`` (``option`` names
+            the setting in the message).
+    """
+    from transformers import AutoModel
+
+    from .hub import looks_local
+
+    text = os.fspath(name_or_path)
+    if looks_local(text):
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{option} {text}: the folder does not exist. Give the folder of a saved backbone "
+                                    "(transformers' save_pretrained, e.g. one written by "
+                                    "hf_hyperflow.pretrained.build_efficientnet_lite0) or a Hub id (namespace/name).")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{option} {text}: {'the folder' if path.is_dir() else 'it is a file and'} holds no "
+                                    "config.json, so it is not a saved transformers model. Give the folder "
+                                    "save_pretrained wrote, or a Hub id (namespace/name).")
+    return AutoModel.from_pretrained(text).eval()
+
+
+def check_no_adapter(backbone: nn.Module, what: str) -> None:
+    """``backbone`` carries no adapter yet (no module wrapped by PEFT); ``what`` names what was to be put on it.
+
+    Raises:
+        ValueError: the backbone object already carries a HyperFlow adapter or a task's LoRA, saying the two ways on.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = next((name for name, module in backbone.named_modules() if isinstance(module, BaseTunerLayer)), None)
+    if wrapped is not None:
+        raise ValueError(f"This backbone object already carries an adapter ({wrapped} is wrapped), and a backbone "
+                         f"object takes one HyperFlow adapter or task at a time. To put {what} on it, take the first one "
+                         "off with its unload() (HyperFlowAdapter.unload() and AdaptedTask.unload() return the plain "
+                         "backbone) and use that backbone, or load onto another copy of the backbone "
+                         "(AutoModel.from_pretrained again).")
 
 
 def backbone_spec(model_type: str) -> BackboneSpec:

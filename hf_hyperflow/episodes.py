@@ -138,6 +138,10 @@ class EpisodeSampler(Sequence):
     fixed protocol (default 5, 5, 15); the "md" protocol draws them itself and takes none of them, but its
     upper bounds can be lowered for cheaper training episodes: ``max_ways`` (default 50) and ``max_support``
     (support images in all, default 500).
+
+    ``min_images_per_class``: use only the classes of the split with at least this many images (e.g. shots +
+    queries, so that every class can fill a fixed episode); None (default): every class, and a class too small for
+    the protocol is an error that says so.
     """
 
     def __init__(self, dataset: datasets.Dataset, protocol: str = "fixed", ways: int | None = None,
@@ -145,7 +149,8 @@ class EpisodeSampler(Sequence):
                  class_split: ClassSplit | None = None, image_column: str | None = None,
                  label_column: str | None = None, num_episodes: int = 600,
                  image_transform: Callable[[list[PILImage.Image]], Any] | None = None,
-                 rank: int = 0, world_size: int = 1, max_ways: int | None = None, max_support: int | None = None):
+                 rank: int = 0, world_size: int = 1, max_ways: int | None = None, max_support: int | None = None,
+                 min_images_per_class: int | None = None):
         if not isinstance(dataset, datasets.Dataset):
             raise TypeError(f"dataset must be a datasets.Dataset (see load_image_dataset), got {type(dataset).__name__}")
         ways, shots, queries = _check_protocol(protocol, ways, shots, queries, max_ways, max_support)
@@ -160,6 +165,10 @@ class EpisodeSampler(Sequence):
             raise ValueError(f"split must be one of {list(SPLIT_NAMES)} or None (all classes), got {split!r}")
         if len(dataset) == 0:
             raise ValueError("the dataset has no rows")
+        if min_images_per_class is not None and (isinstance(min_images_per_class, bool) or not isinstance(
+                min_images_per_class, int | np.integer) or min_images_per_class < 1):
+            raise ValueError(f"min_images_per_class must be a positive integer or None, got {min_images_per_class!r}")
+        self.min_images_per_class = None if min_images_per_class is None else int(min_images_per_class)
 
         self.dataset = dataset
         self.protocol = protocol
@@ -182,6 +191,7 @@ class EpisodeSampler(Sequence):
             # lowered md bounds only, so that specs of default episodes stay as they were
             **({"max_ways": self.max_ways} if self.max_ways != MD_MAX_WAYS else {}),
             **({"max_support": self.max_support} if self.max_support != MD_MAX_SUPPORT else {}),
+            **({"min_images_per_class": self.min_images_per_class} if self.min_images_per_class is not None else {}),
         }
 
     def _select_classes(self, index: LabelIndex, class_split: ClassSplit | None) -> None:
@@ -203,6 +213,13 @@ class EpisodeSampler(Sequence):
             raise ValueError(f"{len(unknown)} classes of {where} are not in column {self.label_column!r}, e.g. "
                              f"{unknown[:5]}; the class split does not belong to this dataset")
         class_ids = sorted(id_of[n] for n in names)
+        if self.min_images_per_class is not None:
+            kept = [c for c in class_ids if len(index.rows(c)) >= self.min_images_per_class]
+            if not kept:
+                raise ValueError(f"no class of {where} has min_images_per_class={self.min_images_per_class} images "
+                                 f"(the largest has {max(len(index.rows(c)) for c in class_ids)})")
+            class_ids = kept
+            where = f"{where} (classes with >= {self.min_images_per_class} images)"
         self.class_names = [index.names[c] for c in class_ids]
         self._rows = [index.rows(c) for c in class_ids]
         self._counts = np.array([len(r) for r in self._rows])
@@ -219,7 +236,9 @@ class EpisodeSampler(Sequence):
             short = [(self.class_names[k], int(n)) for k, n in enumerate(self._counts) if n < need]
             if short:
                 raise ValueError(f"{len(short)} classes of {where} have fewer than shots + queries = {need} images, "
-                                 f"e.g. {short[:5]} (name, images); lower shots or queries, or use protocol='md'")
+                                 f"e.g. {short[:5]} (name, images); pass min_images_per_class={need} to use only the "
+                                 f"{classes - len(short)} classes that have enough, lower shots or queries, or use "
+                                 "protocol='md'")
             return
         if classes < MD_MIN_WAYS:
             raise ValueError(f"{where} has {classes} classes; the md protocol needs at least {MD_MIN_WAYS}; "

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .fingerprint import tensors_sha256
 
-__all__ = ["CHECKSUM_KEY", "load_safetensors_checked", "save_safetensors", "add_checksum", "read_json_checked",
+__all__ = ["CHECKSUM_KEY", "unload_to_original", "load_safetensors_checked", "save_safetensors", "add_checksum", "read_json_checked",
            "check_tensor_shapes", "attach_adapter_checked"]
 
 CHECKSUM_KEY = "tensors_sha256"
@@ -154,8 +154,10 @@ def attach_adapter_checked(backbone, config, tensors: Mapping[str, torch.Tensor]
     """
     from peft import PeftModel, set_peft_model_state_dict
 
+    from .backbones import check_no_adapter
     from .tuner.model import peft_wrapping
 
+    check_no_adapter(backbone, f"the adapter of {Path(path).parent}")
     # PEFT's unload keeps the loaded copies of modules_to_save (a task's norms): keep their values to put back
     entries = list(getattr(config, "modules_to_save", None) or [])
     kept = {key: value.detach().clone() for key, value in backbone.state_dict().items()
@@ -181,3 +183,16 @@ def attach_adapter_checked(backbone, config, tensors: Mapping[str, torch.Tensor]
         raise ValueError(f"{path} does not fit {Path(path).parent / 'adapter_config.json'}: it {'; '.join(problems)}. "
                          "The two files come from different saves (or were edited): save them again.")
     return model
+
+
+def unload_to_original(peft_model) -> torch.nn.Module:
+    """PEFT's ``unload()``, but modules saved whole (``modules_to_save``: a task's norms) go back to their original
+    values too (PEFT keeps the adapter's copies): the backbone is returned exactly as it was."""
+    from peft.utils import ModulesToSaveWrapper
+
+    base = peft_model.base_model.model
+    for name, module in list(base.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent) if parent else base, child, module.original_module)
+    return peft_model.unload()

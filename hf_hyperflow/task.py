@@ -31,6 +31,7 @@ from .io import (
     load_safetensors_checked,
     read_json_checked,
     save_safetensors,
+    unload_to_original,
 )
 from .state import TaskState
 from .tuner.model import HyperFlowModel
@@ -125,6 +126,18 @@ class AdaptedTask:
         return [self.classes[i] for i in self.logits(images).argmax(-1).tolist()]
 
     # -- export ------------------------------------------------------------------------------------
+    def unload(self) -> nn.Module:
+        """Take this loaded task's LoRA layers out of the backbone and return it as it was (PEFT's ``unload``); the
+        task cannot be used afterwards.
+
+        Raises:
+            ValueError: a task adapted in this process, which runs on its adapter's backbone: unload the adapter.
+        """
+        if not isinstance(self._embedder, PeftEmbedder):
+            raise ValueError("This task runs on the backbone of the HyperFlowAdapter that adapted it: call that "
+                             "adapter's unload() to get the plain backbone back.")
+        return unload_to_original(self._embedder.peft_model)
+
     def to_lora(self) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         """The task's adapter as a stock PEFT LoRA config and state dict (keys as PEFT saves them); see
         :func:`hf_hyperflow.export.to_lora`."""

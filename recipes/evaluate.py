@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> dict:
         config = parse(EvaluateConfig, argv, prog="recipes/evaluate.py")
     except (ValueError, TypeError) as error:
         raise SystemExit(f"error: {error}") from None
-    results, paths = run_evaluate(config, "python recipes/evaluate.py " + " ".join(shlex.quote(a) for a in argv))
+    try:
+        results, paths = run_evaluate(config, "python recipes/evaluate.py " + " ".join(shlex.quote(a) for a in argv))
+    except FileNotFoundError as error:  # a backbone or adapter path that is not there
+        raise SystemExit(f"error: {error}") from None
     print(paths["markdown"].read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return results

@@ -230,8 +230,18 @@ def test_sampler_errors_come_before_any_work():
     with pytest.raises(ValueError, match=r"the dataset has 4 classes, fewer than ways=5; lower ways"):
         EpisodeSampler(dataset, ways=5, shots=1, queries=1, split=None)
     with pytest.raises(ValueError, match=r"1 classes of the dataset have fewer than shots \+ queries = 6 images, "
-                                         r"e.g. \[\('class003', 4\)\]"):
+                                         r"e.g. \[\('class003', 4\)\] \(name, images\); pass min_images_per_class=6 "
+                                         r"to use only the 3 classes that have enough"):
         EpisodeSampler(dataset, ways=2, shots=3, queries=3, split=None)
+    # ... which does what it says: the small class is left out, every episode is full
+    kept = EpisodeSampler(dataset, ways=2, shots=3, queries=3, split=None, min_images_per_class=6, num_episodes=20)
+    assert kept.class_names == ["class000", "class001", "class002"]
+    assert all(len(e.support_labels) == 6 and len(e.query_labels) == 6 for e in kept)
+    with pytest.raises(ValueError, match=r"the dataset \(classes with >= 11 images\) has 0 classes|no class of the "
+                                         r"dataset has min_images_per_class=11 images \(the largest has 10\)"):
+        EpisodeSampler(dataset, ways=2, shots=3, queries=3, split=None, min_images_per_class=11)
+    with pytest.raises(ValueError, match=r"min_images_per_class must be a positive integer or None, got 0"):
+        EpisodeSampler(dataset, ways=2, shots=3, queries=3, split=None, min_images_per_class=0)
     empty = ClassSplit(train=("class000", "class001", "class002", "class003"), validation=(), test=())
     with pytest.raises(ValueError, match=r"the 'test' split has no classes"):
         EpisodeSampler(dataset, ways=2, shots=1, queries=1, split="test", class_split=empty)

@@ -219,6 +219,13 @@ def test_cli_bad_arguments(tmp_path, capsys):
         main([*common, "--episodes-per-method", "{ft-full: 3}"])
     with pytest.raises(SystemExit, match="--datasets is missing"):
         main(["--backbone", "x", "--output", str(tmp_path)])
+    # a backbone path that is not there is named as such (not as a malformed Hub repo id)
+    missing = ["--backbone", "/no/such/dir", "--datasets", "[y]", "--output", str(tmp_path), "--methods", "[dt]"]
+    with pytest.raises(SystemExit, match=r"--backbone /no/such/dir: the folder does not exist"):
+        main(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"holds no config.json, so it is not a saved transformers model"):
+        main([*missing[:1], str(tmp_path / "empty"), *missing[2:]])
 
 
 def test_dataset_without_the_needed_split(adapter, dataset):

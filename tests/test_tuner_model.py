@@ -79,3 +79,33 @@ def test_saved_adapter_keeps_its_resolved_modules(adapter, tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"differ(s)? from the copy saved with adapter_model.safetensors in adapted_modules"):
         HyperFlowAdapter.from_pretrained(make_backbone("vit"), tmp_path / "a")
+
+
+def test_a_second_adapter_on_one_backbone_says_how(tmp_path):
+    from hf_hyperflow import AdaptedTask
+
+    backbone = make_backbone("vit")
+    fresh = {k: v.clone() for k, v in make_backbone("vit").state_dict().items()}
+    first = HyperFlowAdapter(backbone, HyperFlowConfig(steps=2))
+    randomize_drift(first)
+    first.save_pretrained(tmp_path / "a")
+    task = first.adapt(pixels(4), [0, 1, 0, 1])
+    task.save_pretrained(tmp_path / "task")
+    how = r"already carries an adapter .* take the first one off with its unload\(\)"
+    with pytest.raises(ValueError, match=how):
+        HyperFlowAdapter.from_pretrained(backbone, tmp_path / "a")
+    with pytest.raises(ValueError, match=how):
+        HyperFlowAdapter(backbone, HyperFlowConfig())
+    with pytest.raises(ValueError, match=how):
+        AdaptedTask.from_pretrained(backbone, tmp_path / "task")
+    with pytest.raises(ValueError, match=r"call that adapter's unload\(\)"):
+        task.unload()
+    plain = first.unload()  # the backbone as it was: the second adapter loads onto it
+    assert plain is backbone and plain.state_dict().keys() == fresh.keys()
+    assert all(torch.equal(plain.state_dict()[k], fresh[k]) for k in fresh)
+    second = HyperFlowAdapter.from_pretrained(plain, tmp_path / "a")
+    plain = second.unload()
+    loaded = AdaptedTask.from_pretrained(plain, tmp_path / "task")  # a task with norms saved whole
+    torch.testing.assert_close(loaded.logits(pixels(3)), task.logits(pixels(3)))
+    plain = loaded.unload()
+    assert all(torch.equal(plain.state_dict()[k], fresh[k]) for k in fresh)

@@ -39,6 +39,8 @@ class EvaluateConfig:
     ways: int = option("Classes per episode (fixed protocol).", 5)
     shots: int = option("Support images per class (fixed protocol).", 5)
     queries: int = option("Query images per class (fixed protocol).", 15)
+    min_images_per_class: int | None = option("Use only the classes with at least this many images (e.g. shots + "
+                                              "queries, for datasets whose classes are too small for the protocol).")
     methods: list[str] = option("Methods: dt, ft-full, ft-lora, ft-shift, ft-head, hyperflow, "
                                 "hyperflow:<integrator>:<steps>.", lambda: ["dt", "ft-shift", "hyperflow"])
     image_size: int | None = option("Resize side (default: the adapter's).")
@@ -80,14 +82,17 @@ class EvaluateConfig:
 
 
 def load_adapter(config: EvaluateConfig):
-    """The HyperFlowAdapter on the backbone: the saved one, or an untrained one (dt / fine-tuning only)."""
-    from transformers import AutoModel
+    """The HyperFlowAdapter on the backbone: the saved one, or an untrained one (dt / fine-tuning only).
 
+    Raises:
+        FileNotFoundError: a backbone path that does not exist or holds no saved model, named as such.
+    """
     from ..adapter import HyperFlowAdapter
+    from ..backbones import load_backbone
     from ..config import HyperFlowConfig
     from ..inputs import default_image_processor
 
-    backbone = AutoModel.from_pretrained(config.backbone).eval()
+    backbone = load_backbone(config.backbone, option="--backbone")
     if config.adapter:
         adapter = HyperFlowAdapter.from_pretrained(backbone, config.adapter, revision=config.revision)
     else:
@@ -103,7 +108,7 @@ def domains(config: EvaluateConfig) -> dict[str, tuple]:
 
     class_split = ClassSplit.load(config.class_split) if config.class_split else None
     sampler_kwargs = {"protocol": config.protocol, "split": None if config.split == "all" else config.split,
-                      "class_split": class_split}
+                      "class_split": class_split, "min_images_per_class": config.min_images_per_class}
     if config.protocol == "fixed":
         sampler_kwargs.update(ways=config.ways, shots=config.shots, queries=config.queries)
     out = {}
