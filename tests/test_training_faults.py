@@ -138,7 +138,7 @@ def test_killed_at_random_moments_and_resumed_equals_uninterrupted(tmp_path):
         got = load_file(str(killed / folder / "adapter_model.safetensors"))
         assert got.keys() == expected.keys()
         differ = [k for k in expected if not got[k].equal(expected[k])]
-        assert not differ, f"{folder}/ differs after kills {moments}: {differ[:3]}"
+        assert not differ, f"{folder}/ differs after kills {moments} (HYPERFLOW_FAULT_SEED={SEED}): {differ[:3]}"
     metrics = [json.loads((run / "metrics.json").read_text()) for run in (whole, killed)]
     assert [v["accuracy"] for v in metrics[1]["validations"]] == [v["accuracy"] for v in metrics[0]["validations"]]
     assert metrics[1]["best_step"] == metrics[0]["best_step"] and metrics[1]["step"] == 8
