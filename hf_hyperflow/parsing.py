@@ -23,11 +23,39 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import draccus
+from draccus.parsers import decoding as _draccus_decoding
 from draccus.utils import DecodingError, DraccusException
 
 __all__ = ["option", "parse", "decode", "print_help", "help_text"]
 
 T = TypeVar("T")
+
+
+def _no_bool(raw_value: Any, path, kind: str) -> None:
+    if isinstance(raw_value, bool):  # YAML true / false: draccus would read them as 1 / 0
+        raise DecodingError(path, f"Couldn't parse {str(raw_value).lower()} into {kind}: give a number")
+
+
+@draccus.decode.register(int)
+def _decode_int(raw_value: Any, path) -> int:
+    _no_bool(raw_value, path, "an int")
+    return _draccus_decoding.decode_int(raw_value, path)
+
+
+@draccus.decode.register(str)
+def _decode_str(raw_value: Any, path) -> str:
+    if isinstance(raw_value, bool):
+        raise DecodingError(path, f"Couldn't parse {str(raw_value).lower()} into a string: quote it if it is one")
+    return str(raw_value)
+
+
+@draccus.decode.register(float)
+def _decode_float(raw_value: Any, path) -> float:
+    _no_bool(raw_value, path, "a float")
+    try:
+        return float(raw_value)
+    except (TypeError, ValueError):
+        raise DecodingError(path, f"Couldn't parse '{raw_value}' into a float") from None
 
 
 def option(help: str, default: Any = None) -> Any:
