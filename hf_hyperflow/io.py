@@ -102,7 +102,10 @@ def _compare_sidecar(sidecar: Path, metadata: Mapping[str, str], path: Path) -> 
         raise ValueError(f"{path} is damaged: its copy of {sidecar.name} is not valid JSON. Download or save it "
                          "again.") from None
     current = read_json_checked(sidecar)
-    changed = sorted(k for k in recorded if k not in current or current[k] != recorded[k])
+    def same(a, b) -> bool:  # as JSON text: NaN equals NaN, 1 and 1.0 and True stay apart
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+    changed = sorted(k for k in recorded if k not in current or not same(current[k], recorded[k]))
     if changed:
         shown = ", ".join(f"{k} (file: {current.get(k, '<missing>')!r:.40}, saved: {recorded[k]!r:.40})"
                           for k in changed[:4])

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,3 +185,115 @@ def test_finished_run_is_not_overwritten(tmp_path):
     save_adapter(Saving(), folder / "best", {}, {})
     assert (folder / "best" / "adapter_model.safetensors").read_bytes() == b"new best"
     assert sorted(p.name for p in folder.iterdir()) == ["best"]
+
+
+class _OneProcess:
+    """What save_checkpoint / load_checkpoint use of an Accelerator, for one process."""
+
+    is_main_process, process_index, num_processes, scaler = True, 0, 1, None
+
+    def __init__(self):
+        self.step = 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _trained_parts(seed: int):
+    from transformers import get_scheduler
+
+    torch.manual_seed(seed)
+    drift = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(drift.parameters(), lr=1e-2)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=10)
+    for _ in range(3):
+        drift(torch.randn(5, 4)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return drift, optimizer, scheduler
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from hf_hyperflow.training.checkpoint import save_checkpoint
+
+    accelerator = _OneProcess()
+    accelerator.step = 3
+    drift, optimizer, scheduler = _trained_parts(0)
+    state = {"step": 3, "best_accuracy": float("nan"), "history": [{"loss": 0.5}]}
+    folder = save_checkpoint(accelerator, tmp_path_factory.mktemp("run"), 3, state, 2, drift=drift,
+                             optimizer=optimizer, scheduler=scheduler)
+    _draws.extend([random.random(), float(np.random.rand()), float(torch.rand(()))])  # right after the save
+    return folder, {k: v.clone() for k, v in drift.state_dict().items()}, optimizer.state_dict()
+
+
+_draws: list[float] = []
+
+
+def _restore(folder: Path):
+    """Load ``folder`` into fresh parts: what train() does on resume."""
+    from hf_hyperflow.training.checkpoint import load_checkpoint
+
+    accelerator = _OneProcess()
+    drift, optimizer, scheduler = _trained_parts(1)  # other values everywhere
+    state = load_checkpoint(accelerator, folder, drift=drift, optimizer=optimizer, scheduler=scheduler)
+    return state, drift, optimizer, scheduler, accelerator
+
+
+def test_a_checkpoint_restores_everything(checkpoint):
+    folder, weights, optimizer_state = checkpoint
+    assert sorted(p.name for p in folder.iterdir()) == ["accelerator.json", "drift.safetensors", "optimizer.json",
+                                                         "optimizer.safetensors", "rng_0.json", "rng_0.safetensors",
+                                                         "scheduler.json", "trainer_state.json"]
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)  # anywhere else
+    state, drift, optimizer, scheduler, accelerator = _restore(folder)
+    # the random generators continue as they did right after the checkpoint was written
+    assert [random.random(), float(np.random.rand()), float(torch.rand(()))] == _draws
+    assert state["step"] == 3 and math.isnan(state["best_accuracy"]) and accelerator.step == 3
+    assert all(torch.equal(drift.state_dict()[k], weights[k]) for k in weights)
+    got = optimizer.state_dict()
+    assert got["param_groups"] == [{**g, "betas": tuple(g["betas"])} for g in optimizer_state["param_groups"]]
+    assert all(torch.equal(got["state"][i][n], v) for i, s in optimizer_state["state"].items() for n, v in s.items())
+    assert scheduler.last_epoch == 3
+
+
+FILES = ["accelerator.json", "drift.safetensors", "optimizer.json", "optimizer.safetensors", "rng_0.json",
+         "rng_0.safetensors", "scheduler.json", "trainer_state.json"]
+
+
+@pytest.mark.parametrize("name", FILES)
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=st.sampled_from(["cut", "byte", "field"]), where=st.floats(0.0, 0.999), xor=st.integers(1, 255))
+def test_a_damaged_checkpoint_file_is_named_before_anything_is_restored(checkpoint, tmp_path, name, damage, where,
+                                                                          xor):
+    """Every file of a checkpoint cut anywhere, any byte changed, or (JSON) a field removed: resuming names the
+    file (or, for bytes that change nothing, such as JSON whitespace, restores exactly)."""
+    import shutil
+
+    folder, weights, _ = checkpoint
+    damaged = tmp_path / "step"
+    shutil.rmtree(damaged, ignore_errors=True)
+    shutil.copytree(folder, damaged)
+    path = damaged / name
+    content = bytearray(path.read_bytes())
+    if damage == "cut":
+        path.write_bytes(bytes(content[: int(where * len(content))]))
+    elif damage == "byte":
+        content[int(where * len(content))] ^= xor
+        path.write_bytes(bytes(content))
+    elif name.endswith(".json"):
+        data = json.loads(content)
+        del data[sorted(data)[int(where * len(data))]]
+        path.write_text(json.dumps(data))
+    else:
+        return
+    try:
+        _, drift, *_ = _restore(damaged)
+    except (ValueError, FileNotFoundError) as error:
+        assert name in str(error), f"the error does not name {name}: {error}"
+        event(f"{name}: clear error")
+        return
+    assert all(torch.equal(drift.state_dict()[k], weights[k]) for k in weights)
+    event(f"{name}: restored exactly")

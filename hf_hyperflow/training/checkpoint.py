@@ -13,6 +13,7 @@ beside them, written to a temporary folder and swapped in: the previous folder s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -33,6 +34,7 @@ __all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "FINISHED_RUN_FILES", "list_checkp
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+MAIN_JSON_FILES = (TRAINER_STATE, "scheduler.json", "accelerator.json")  # copies kept in drift.safetensors
 # What a run that got somewhere leaves in its output_dir: a fresh run there needs overwrite=True.
 FINISHED_RUN_FILES = ("final", "best", "metrics.json")
 
@@ -88,15 +90,17 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dic
     accelerator.wait_for_everyone()
     _save_rng_states(temporary, accelerator.process_index)
     if accelerator.is_main_process:
-        save_safetensors(drift.state_dict(), temporary / "drift.safetensors")
-        _save_optimizer(optimizer.state_dict(), temporary)
+        # the JSON files first: each safetensors file keeps a copy of the JSON files beside it, compared on load
         write_json(temporary / "scheduler.json", scheduler.state_dict())
         scaler = getattr(accelerator, "scaler", None)
         write_json(temporary / "accelerator.json", {"step": accelerator.step, "processes": accelerator.num_processes,
                                                     "scaler": scaler.state_dict() if scaler is not None else None})
+        write_json(temporary / TRAINER_STATE, trainer_state)
+        _save_optimizer(optimizer.state_dict(), temporary)
+        save_safetensors(drift.state_dict(), temporary / "drift.safetensors",
+                         sidecars={temporary / name: () for name in MAIN_JSON_FILES})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(temporary / TRAINER_STATE, trainer_state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -120,25 +124,45 @@ def load_checkpoint(accelerator, checkpoint: Path, *, drift: nn.Module, optimize
         accelerator.register_for_checkpointing(scheduler)
         accelerator.load_state(str(checkpoint))
         return read_json_checked(checkpoint / TRAINER_STATE)
+    # every file checked (checksums, and the JSON files against the copies kept with the tensors) before any is used
+    tensors = load_safetensors_checked(checkpoint / "drift.safetensors",
+                                       sidecars=[checkpoint / name for name in MAIN_JSON_FILES])
     state = read_json_checked(checkpoint / TRAINER_STATE)
     saved = read_json_checked(checkpoint / "accelerator.json")
     if saved.get("processes") != accelerator.num_processes:
         raise ValueError(f"{checkpoint} was saved by {saved.get('processes')} processes and this run has "
                          f"{accelerator.num_processes}: each process's episodes and random states belong to its rank. "
                          "Resume with the same number of processes.")
-    tensors = load_safetensors_checked(checkpoint / "drift.safetensors")
-    missing, unexpected = drift.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{checkpoint / 'drift.safetensors'} does not fit this run's drift network (missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]}): it was saved with another adapter config.")
-    optimizer.load_state_dict(_load_optimizer(checkpoint))
-    scheduler.load_state_dict(read_json_checked(checkpoint / "scheduler.json"))
-    accelerator.step = saved["step"]
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and saved.get("scaler") is not None:
-        scaler.load_state_dict(saved["scaler"])
-    _load_rng_states(checkpoint, accelerator.process_index)
+    optimizer_state = _load_optimizer(checkpoint)
+    rng = _read_rng_states(checkpoint, accelerator.process_index)
+    with _restoring(checkpoint / "drift.safetensors"):
+        missing, unexpected = drift.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{checkpoint / 'drift.safetensors'} does not fit this run's drift network (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}): it was saved with another adapter config.")
+    with _restoring(checkpoint / "optimizer.safetensors"):
+        optimizer.load_state_dict(optimizer_state)
+    with _restoring(checkpoint / "scheduler.json"):
+        scheduler.load_state_dict(read_json_checked(checkpoint / "scheduler.json"))
+    with _restoring(checkpoint / "accelerator.json"):
+        accelerator.step = int(saved["step"])
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None and saved.get("scaler") is not None:
+            scaler.load_state_dict(saved["scaler"])
+    with _restoring(checkpoint / f"rng_{accelerator.process_index}.json"):
+        _set_rng_states(*rng)
     return state
+
+
+@contextlib.contextmanager
+def _restoring(path: Path):
+    """Errors of a file that passed its checks but does not fit this run (another version, another config), named."""
+    try:
+        yield
+    except (KeyError, TypeError, IndexError, RuntimeError) as error:
+        raise ValueError(f"{path} cannot be restored ({type(error).__name__}: {error}): it was written by another "
+                         "version or for another config. Resume from another checkpoint (resume=<its folder>) or "
+                         "start again (overwrite=True).") from None
 
 
 def _save_optimizer(state_dict: dict, folder: Path) -> None:
@@ -151,20 +175,21 @@ def _save_optimizer(state_dict: dict, folder: Path) -> None:
                 tensors[f"{index}.{name}"] = value
             else:
                 values[f"{index}.{name}"] = value
-    save_safetensors(tensors, folder / "optimizer.safetensors")
     write_json(folder / "optimizer.json", {"param_groups": state_dict["param_groups"], "values": values})
+    save_safetensors(tensors, folder / "optimizer.safetensors", sidecars={folder / "optimizer.json": ()})
 
 
 def _load_optimizer(folder: Path) -> dict:
-    tensors = load_safetensors_checked(folder / "optimizer.safetensors")
+    tensors = load_safetensors_checked(folder / "optimizer.safetensors", sidecars=[folder / "optimizer.json"])
     saved = read_json_checked(folder / "optimizer.json")
-    state: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *saved["values"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
-              for group in saved["param_groups"]]
-    return {"state": state, "param_groups": groups}
+    with _restoring(folder / "optimizer.json"):
+        state: dict[int, dict] = {}
+        for key, value in [*tensors.items(), *saved["values"].items()]:
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
+                  for group in saved["param_groups"]]
+        return {"state": state, "param_groups": groups}
 
 
 def _save_rng_states(folder: Path, rank: int) -> None:
@@ -175,14 +200,17 @@ def _save_rng_states(folder: Path, rank: int) -> None:
     if torch.cuda.is_available():
         for device, value in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{device}"] = value
-    save_safetensors(tensors, folder / f"rng_{rank}.safetensors")
     write_json(folder / f"rng_{rank}.json", {"python": [version, list(internal), gauss],
                                               "numpy": [kind, int(position), int(has_gauss), float(cached)]})
+    save_safetensors(tensors, folder / f"rng_{rank}.safetensors", sidecars={folder / f"rng_{rank}.json": ()})
 
 
-def _load_rng_states(folder: Path, rank: int) -> None:
-    tensors = load_safetensors_checked(folder / f"rng_{rank}.safetensors")
-    saved = read_json_checked(folder / f"rng_{rank}.json")
+def _read_rng_states(folder: Path, rank: int) -> tuple[dict, dict]:
+    tensors = load_safetensors_checked(folder / f"rng_{rank}.safetensors", sidecars=[folder / f"rng_{rank}.json"])
+    return tensors, read_json_checked(folder / f"rng_{rank}.json")
+
+
+def _set_rng_states(tensors: dict, saved: dict) -> None:
     version, internal, gauss = saved["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, position, has_gauss, cached = saved["numpy"]
