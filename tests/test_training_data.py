@@ -33,3 +33,32 @@ def test_a_mix_of_datasets_follows_the_weights_and_is_seeded():
     assert [mix.source_of(i) for i in range(50)] == [mix.source_of(i) for i in range(50)]
     assert [mix.source_of(i) for i in range(50)] != [EpisodeMix(mix.samplers, [1.0, 3.0], seed=1).source_of(i)
                                                      for i in range(50)]
+
+
+def test_classes_too_small_for_the_episodes_can_be_left_out(synthetic_dataset, tmp_path, fresh_accelerate):
+    import datasets
+    from conftest import tiny_train_config
+
+    from hf_hyperflow.training import config_from_dict, train
+
+    # c00..c02 keep 3 images each, fewer than shots + queries = 5
+    full = datasets.load_from_disk(synthetic_dataset)
+    seen: dict[int, int] = {}
+
+    def keep(row):
+        seen[row["label"]] = seen.get(row["label"], 0) + 1
+        return row["label"] > 2 or seen[row["label"]] <= 3
+
+    small = str(tmp_path / "small")
+    full.filter(keep).save_to_disk(small)
+    run = {"losses.flow": 0.0, "flow.generate": None, "validation.episodes": 0, "training.max_steps": 1,
+           "datasets.0.class_split": {"fractions": [1.0, 0.0, 0.0], "seed": 0}}
+    with pytest.raises(ValueError, match=r"datasets\[0\] \(train episodes\): 3 classes of the 'train' split have fewer "
+                                         r"than shots \+ queries = 5 images.*pass min_images_per_class=5 to use only the "
+                                         r"9 classes"):
+        train(config_from_dict(tiny_train_config(tmp_path / "refused", small, **run)))
+    result = train(config_from_dict(tiny_train_config(tmp_path / "kept", small, **run,
+                                                      **{"datasets.0.min_images_per_class": 5})))
+    assert result.step == 1
+    with pytest.raises(ValueError, match=r"datasets\[0\].min_images_per_class must be an integer >= 1, got 0"):
+        config_from_dict(tiny_train_config(tmp_path / "zero", small, **run, **{"datasets.0.min_images_per_class": 0}))

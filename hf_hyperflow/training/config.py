@@ -168,6 +168,9 @@ class DatasetSection:
                                 "`source` when the folder does not exist.")
     hub_split: str = option("Split of a Hub / multi-split source to read.", "train")
     max_classes: int | None = option("Keep a seeded random subset of this many classes (a small slice for quick runs).")
+    min_images_per_class: int | None = option("Use only the classes with at least this many images in its episodes "
+                                              "(e.g. shots + queries, for a dataset whose classes are too small for "
+                                              "the protocol).")
     class_split: Any = option("None (seeded 70/15/15 split), a ClassSplit JSON path, {fractions, seed, group_column}, "
                              "or {train: [...], validation: [...], test: [...]}.")
     image_column: str | None = option("Image column (default: the only Image one).")
@@ -185,6 +188,8 @@ class DatasetSection:
                                                       f"--output {self.source}) or set {key}.builder to build it")
         if self.max_classes is not None:
             check_int(self.max_classes, f"{key}.max_classes", 2)
+        if self.min_images_per_class is not None:
+            check_int(self.min_images_per_class, f"{key}.min_images_per_class", 1)
         check_number(self.weight, f"{key}.weight", 0.0, strict_low=True)
         split = self.class_split
         if isinstance(split, str) and not Path(split).is_file():

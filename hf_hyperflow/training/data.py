@@ -175,7 +175,8 @@ def make_sampler(source: Source, config: TrainConfig, split: str, seed: int, num
     try:
         return EpisodeSampler(source.dataset, **shape, seed=seed, split=split, class_split=source.class_split,
                               image_column=source.entry.image_column, label_column=source.label_column,
-                              num_episodes=num_episodes, image_transform=transform, rank=rank, world_size=world_size)
+                              num_episodes=num_episodes, image_transform=transform, rank=rank, world_size=world_size,
+                              min_images_per_class=source.entry.min_images_per_class)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{key} ({split} episodes): {error}") from None
 
