@@ -297,3 +297,17 @@ def test_a_damaged_checkpoint_file_is_named_before_anything_is_restored(checkpoi
         return
     assert all(torch.equal(drift.state_dict()[k], weights[k]) for k in weights)
     event(f"{name}: restored exactly")
+
+
+def test_an_episode_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_hyperflow.training.loop import _Run
+
+    log = tmp_path / "episodes" / "rank_0.jsonl"
+    log.parent.mkdir()
+    log.write_text('{"step": 0, "episodes": [0]}\n{"step": 1, "episodes": [1]}\n{"step": 2, "epis')
+    run = SimpleNamespace(output_dir=tmp_path, rank=0)
+    _Run._open_episode_log(run, 2)  # resumed from the checkpoint of step 2 (steps 0 and 1 done)
+    assert log.read_text() == '{"step": 0, "episodes": [0]}\n{"step": 1, "episodes": [1]}\n'
+    assert run.episode_log == log and not list(log.parent.glob(".*"))

@@ -228,10 +228,12 @@ class _Run:
         self.episode_log = self.output_dir / "episodes" / f"rank_{self.rank}.jsonl"
         self.episode_log.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if self.episode_log.is_file():
-            kept = [line for line in self.episode_log.read_text().splitlines()
-                    if line and json.loads(line)["step"] < start]
-        self.episode_log.write_text("".join(line + "\n" for line in kept))
+        if self.episode_log.is_file():  # a line cut by a kill belongs to a step after the checkpoint: dropped too
+            steps = [(line, _step_of(line)) for line in self.episode_log.read_text().splitlines()]
+            kept = [line for line, step in steps if step is not None and step < start]
+        temporary = self.episode_log.with_name(f".{self.episode_log.name}.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, self.episode_log)  # the earlier steps' lines are never lost half way
 
     # -- one optimizer step ------------------------------------------------------------------------
     def step(self, step: int) -> dict:
@@ -384,6 +386,15 @@ class _Window:
                      episodes_per_second=self.episodes / self.seconds,
                      trajectories_per_second=self.trajectories / self.seconds, prefix_cache_mb=prefix_cache_mb)
         return entry
+
+
+def _step_of(line: str) -> int | None:
+    """The step of an episode-log line; None for a line that is not whole JSON."""
+    try:
+        step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
