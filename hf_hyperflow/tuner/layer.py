@@ -17,7 +17,9 @@ by another, see :class:`TaskRows`):
 - LayerNorm / GroupNorm shifts: normalisation without affine, then the per-task affine, broadcast.
 Norm layers of other kinds (subclasses with their own forward) call the base layer once per task with that task's
 parameters, as :meth:`HyperFlowLayer.forward_each` does for any layer: the definition the batched paths equal up to
-float rounding.
+float rounding. With one task set (``adapt``, and each bounded adapted pass of ``adapt_many`` on a CPU), every layer
+runs its base layer once with that task's parameters (the LoRA update merged into the weight: one convolution
+instead of the base one plus ``A_i x`` and ``B_i h``; one norm instead of an affine map and an identity norm).
 
 Delta tensors (T tasks):
 - LoRA on Linear: ``A: [T, r, in]``, ``B: [T, out, r]``; on Conv2d: ``A: [T, r, in, kh, kw]``,
@@ -121,8 +123,15 @@ class HyperFlowLayer(BaseTunerLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self._active():
             return self.base_layer(x, *args, **kwargs)
-        rows = TaskRows(split_rows(x.shape[0], self.task_sizes), x.device)
-        return self._forward_tasks(x, rows, *args, **kwargs)
+        rows = split_rows(x.shape[0], self.task_sizes)
+        if len(rows) == 1:
+            return self._forward_one(x, *args, **kwargs)
+        return self._forward_tasks(x, TaskRows(rows, x.device), *args, **kwargs)
+
+    def _forward_one(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """One task: the base layer's own forward, once, with the task's parameters (:meth:`forward_each`)."""
+        params = self._task_parameters({k: v[0] for k, v in self.task_delta.items()})
+        return functional_call(self.get_base_layer(), params, (x, *args), kwargs)
 
     def _forward_tasks(self, x: torch.Tensor, rows: TaskRows, *args, **kwargs) -> torch.Tensor:
         """The output for all tasks' rows, batched over tasks (each subclass's math)."""
@@ -245,6 +254,13 @@ class HyperFlowConv2d(HyperFlowLinear):
         if "bias" in delta:
             y = y + _per_task(delta["bias"].to(y.dtype), y.dim(), 2)
         return rows.join(y)
+
+    def _forward_one(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        if type(base) is not nn.Conv2d:
+            return super()._forward_one(x, *args, **kwargs)
+        params = self._task_parameters({k: v[0] for k, v in self.task_delta.items()})
+        return base._conv_forward(x, params.get("weight", base.weight), params.get("bias", base.bias))
 
     def _lora_a(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """``A_i x`` per task: ``x: [T, n, C, H, W]``, ``a: [T, r, C, kh, kw]`` -> ``[T, n, r, H'W']``."""
