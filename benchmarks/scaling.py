@@ -67,11 +67,12 @@ def measure(adapter, config: dict, args, datasets_cache: dict) -> dict:
 
     path = config["dataset"]
     dataset = datasets_cache.setdefault(path, load_image_dataset(path))
-    sampler_kwargs = {**config["sampler"], "split": None, "seed": config.get("md_index", 0)}
+    sampler_kwargs, seed = {**config["sampler"], "split": None}, config.get("md_index", 0)
     episodes = 1 if "md_index" in config else args.episodes
-    support = len(EpisodeSampler(dataset, num_episodes=1, **sampler_kwargs)[0].support_labels)
+    support = len(EpisodeSampler(dataset, num_episodes=1, seed=seed, **sampler_kwargs)[0].support_labels)
     methods = [m for m in METHODS if m != "ft-shift" or args.ft_max_support is None or support <= args.ft_max_support]
-    evaluator = Evaluator(adapter, methods, fixed_lr={"ft-shift": FT_SHIFT_LR}, memory_episodes=1, progress=False)
+    evaluator = Evaluator(adapter, methods, fixed_lr={"ft-shift": FT_SHIFT_LR}, memory_episodes=1, seed=seed,
+                          progress=False)  # the episodes' seed: md episode i is the i-th seed's episode
     evaluated = evaluator.evaluate_dataset(config["label"], dataset, episodes=episodes,
                                            episodes_per_method={"ft-shift": args.ft_episodes} if "ft-shift" in methods
                                            else None,
