@@ -189,7 +189,8 @@ class HyperFlowAdapter:
 
     # -- adaptation --------------------------------------------------------------------------------
     def adapt(self, support_images, support_labels, classes: Sequence | None = None, *,
-              steps: int | str | None = None, integrator: str | None = None) -> AdaptedTask:
+              steps: int | str | None = None, integrator: str | None = None,
+              stopping: str | None = None) -> AdaptedTask:
         """Adapt to one task from its support set, by integrating the drift network (no autograd).
 
         Args:
@@ -199,14 +200,17 @@ class HyperFlowAdapter:
             steps, integrator: override the config's number of steps and integrator; ``steps="auto"``
                 integrates the config's steps and keeps, per task, the point of the path whose support set
                 classifies itself best (leave-one-out; t=0 is direct transfer): see ``task.integration_time``.
+            stopping: ``"fixed"`` (integrate to t=1) or ``"auto"`` (as ``steps="auto"``), replacing the config's
+                stopping rule; None keeps it.
         """
-        return self.adapt_many([(support_images, support_labels, classes)], steps=steps, integrator=integrator)[0]
+        return self.adapt_many([(support_images, support_labels, classes)], steps=steps, integrator=integrator,
+                               stopping=stopping)[0]
 
     @torch.no_grad()
     def adapt_many(self, tasks: Sequence[tuple], *, steps: int | str | None = None, integrator: str | None = None,
-                   tasks_per_batch: int | None = None) -> list[AdaptedTask]:
+                   stopping: str | None = None, tasks_per_batch: int | None = None) -> list[AdaptedTask]:
         """Adapt several tasks in batches. ``tasks``: ``(support_images, support_labels)`` or
-        ``(support_images, support_labels, classes)`` tuples; ``steps`` as in :meth:`adapt`. Returns one
+        ``(support_images, support_labels, classes)`` tuples; ``steps`` and ``stopping`` as in :meth:`adapt`. Returns one
         AdaptedTask per task, equal to what ``adapt`` returns for it (up to float rounding).
 
         Args:
@@ -216,7 +220,7 @@ class HyperFlowAdapter:
         """
         if not tasks:
             raise ValueError("adapt_many needs at least one task.")
-        steps, stopping = _steps_and_stopping(steps)
+        steps, stopping = _steps_and_stopping(steps, stopping)
         for k, task in enumerate(tasks):  # every task's inputs checked before any is adapted
             _check_task(task, k, len(tasks))
         chunk = tasks_per_batch or (CPU_TASKS_PER_BATCH if self._device_dtype()[0].type == "cpu"
@@ -476,6 +480,7 @@ class HyperFlowAdapter:
             lora_alpha=float(config.lora_alpha),
             integrator=config.integrator,
             steps=config.steps,
+            stopping=config.stopping,
             drift_parameters=parameters,
             drift_bytes=sum(t.numel() * t.element_size() for t in self.drift.state_dict().values()),
             training_config=dict(training_config or {}),
@@ -570,14 +575,18 @@ def _saved_config(path: Path) -> HyperFlowConfig:
         raise type(error)(f"{path}: {error} Correct the file, or save the adapter again.") from None
 
 
-def _steps_and_stopping(steps: int | str | None) -> tuple[int | None, str | None]:
-    """``adapt``'s ``steps`` argument as ``(steps, stopping)``: ``"auto"`` means the config's steps with
-    stopping="auto"; an int or None keeps the config's stopping rule."""
+def _steps_and_stopping(steps: int | str | None, stopping: str | None = None) -> tuple[int | None, str | None]:
+    """``adapt``'s ``steps`` and ``stopping`` arguments as ``(steps, stopping)``: ``steps="auto"`` means the
+    config's steps with stopping="auto"; otherwise ``stopping`` (None: the config's rule)."""
+    if stopping not in (None, "fixed", "auto"):
+        raise ValueError(f"stopping must be 'fixed', 'auto' or None (the config's), got {stopping!r}.")
     if steps == "auto":
+        if stopping == "fixed":
+            raise ValueError("steps='auto' chooses where to stop; it cannot be combined with stopping='fixed'.")
         return None, "auto"
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer, 'auto' or None (the config's), got {steps!r}.")
-    return steps, None
+    return steps, stopping
 
 
 def _check_task(task, index: int, count: int) -> None:

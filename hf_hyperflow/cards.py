@@ -151,6 +151,8 @@ class AdapterCardData:
         target_modules: the LoRA target modules (names or a regex), as configured.
         lora_rank / lora_alpha: LoRA rank r and alpha of the ``lora`` group.
         integrator / steps: how the drift is integrated (``"euler"``, ``"rk4"``...) and in how many steps.
+        stopping: ``"fixed"`` (every task integrated to t=1) or ``"auto"`` (each task stops where its support
+            set classifies itself best); None leaves it out.
         drift_parameters / drift_bytes: size of the drift network (parameter count; bytes on disk).
         training_config: the meta-training configuration, shown as YAML.
         training_datasets: datasets the drift network was trained on (metadata ``datasets``).
@@ -174,6 +176,7 @@ class AdapterCardData:
     lora_alpha: float | None = None
     integrator: str | None = None
     steps: int | None = None
+    stopping: str | None = None
     drift_parameters: int | None = None
     drift_bytes: int | None = None
     training_config: dict = field(default_factory=dict)
@@ -239,6 +242,7 @@ def render_adapter_card(card_data: AdapterCardData) -> ModelCard:
         lora_alpha=d.lora_alpha,
         integrator=d.integrator,
         steps=d.steps,
+        stopping=d.stopping,
         drift_parameters=f"{d.drift_parameters:,}" if d.drift_parameters else None,
         drift_size=format_bytes(d.drift_bytes) if d.drift_bytes else None,
         training_config=yaml.safe_dump(dict(d.training_config), sort_keys=False).strip() if d.training_config else None,

@@ -8,7 +8,8 @@ Methods:
   of one adapted-state group;
 - ``hyperflow``: the adapter's drift network with its integrator and steps; ``hyperflow:<integrator>:<steps>``
   for other integrators / step counts (e.g. ``hyperflow:rk4:4``); ``hyperflow:auto`` (or
-  ``hyperflow:<integrator>:auto``) stops each task where its support set classifies itself best.
+  ``hyperflow:<integrator>:auto``) stops each task where its support set classifies itself best;
+  ``hyperflow:fixed`` integrates to t=1 whatever the adapter's stopping rule.
 
 Latency is wall-clock time from the support's pixel tensors to a ready classifier (image decoding and
 processing are the same for every method and excluded; on CUDA the clock is read after the queued kernels
@@ -47,7 +48,7 @@ FT_GROUPS: dict[str, tuple[str, ...]] = {
     "ft-shift": ("shift",),
     "ft-head": ("head",),
 }
-KNOWN_METHODS = ("dt", *FT_GROUPS, "ft-<group>+<group>", "hyperflow", "hyperflow:auto",
+KNOWN_METHODS = ("dt", *FT_GROUPS, "ft-<group>+<group>", "hyperflow", "hyperflow:auto", "hyperflow:fixed",
                  "hyperflow:<integrator>:<steps>")
 
 
@@ -60,6 +61,7 @@ class Method:
     groups: tuple[str, ...] = ()
     integrator: str | None = None
     steps: int | str | None = None
+    stopping: str | None = None  # hyperflow: "fixed" / "auto" replacing the adapter config's rule
 
 
 def parse_method(name: str) -> Method:
@@ -81,6 +83,8 @@ def parse_method(name: str) -> Method:
         return Method(name, "hyperflow")
     if name == "hyperflow:auto":
         return Method(name, "hyperflow", steps="auto")
+    if name == "hyperflow:fixed":
+        return Method(name, "hyperflow", stopping="fixed")
     parts = name.split(":")
     if parts[0] == "hyperflow" and len(parts) == 3:
         integrator, steps = parts[1], parts[2]
@@ -159,13 +163,16 @@ class Evaluator:
         ft_steps: fine-tuning steps (50 in P>M>F).
         lr_grid: learning rates tried per dataset on ``lr_episodes`` validation episodes; ``fixed_lr`` (one lr, or
             ``method -> lr``) skips that.
+        ft_augment_pool: fine-tuning's pseudo-queries drawn from this many augmented copies of the support whose
+            frozen prefix runs once (the trajectory teacher's protocol); None: fresh augmentations every step
+            through the whole network (P>M>F).
         memory_episodes: episodes per method whose adaptation is measured again under the memory profiler.
         seed: the episodes' seed (every method sees the same episodes).
     """
 
     def __init__(self, adapter: HyperFlowAdapter, methods: Sequence[str], *, ft_steps: int = 50,
                  lr_grid: Sequence[float] = DEFAULT_LR_GRID, lr_episodes: int = 5, fixed_lr: float | dict[str, float] | None = None,
-                 memory_episodes: int = 2, seed: int = 0, progress: bool = True):
+                 ft_augment_pool: int | None = None, memory_episodes: int = 2, seed: int = 0, progress: bool = True):
         if not methods:
             raise ValueError("Give at least one method.")
         self.methods = [parse_method(m) for m in methods]
@@ -176,6 +183,7 @@ class Evaluator:
         self.lr_grid = list(lr_grid)
         self.lr_episodes = lr_episodes
         self.fixed_lr = fixed_lr
+        self.ft_augment_pool = ft_augment_pool
         self.memory_episodes = memory_episodes
         self.seed = seed
         self.progress = progress
@@ -186,9 +194,10 @@ class Evaluator:
             return self.adapter.direct_transfer(episode.support, episode.support_labels)
         if method.kind == "hyperflow":
             return self.adapter.adapt(episode.support, episode.support_labels, steps=method.steps,
-                                      integrator=method.integrator)
+                                      integrator=method.integrator, stopping=method.stopping)
         return finetune(self.adapter, episode.support, episode.support_labels, groups=method.groups,
-                        steps=self.ft_steps, lr=lr, seed=self.seed + episode_index).task
+                        steps=self.ft_steps, lr=lr, seed=self.seed + episode_index,
+                        augment_pool=self.ft_augment_pool).task
 
     def _choose_lrs(self, dataset, sampler_kwargs: dict) -> dict[str, dict]:
         lrs: dict[str, dict] = {}

@@ -120,7 +120,12 @@ def headline_method(results: dict, eval_method: str | None) -> str:
 def protocol_text(meta: dict) -> str:
     """The episode protocol of a results' meta block in words, e.g. ``5-way 5-shot, 15 queries per class, ...``."""
     ways, shots, queries = meta.get("ways"), meta.get("shots"), meta.get("queries")
-    parts = [f"{ways}-way {shots}-shot" if ways and shots else "variable-way variable-shot"]
+    if ways and shots:
+        parts = [f"{ways}-way {shots}-shot"]
+    elif ways and meta.get("protocol") == "fixed":
+        parts = [f"{ways}-way, shots and queries per dataset"]
+    else:
+        parts = ["variable-way variable-shot"]
     if queries:
         parts.append(f"{queries} queries per class")
     if meta.get("image_size"):

@@ -128,3 +128,13 @@ def test_task_card_data_errors(overrides, match):
     values = dict(repo_id="org/t", base_model="b/m", class_names=["a", "b"], source_adapter="org/a")
     with pytest.raises((TypeError, ValueError), match=match):
         TaskCardData(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("stopping, expected", [("auto", "| Stopping | per task"), ("fixed", "| Stopping | fixed"),
+                                                (None, None)])
+def test_adapter_card_states_the_stopping_rule(stopping, expected):
+    text = str(render_adapter_card(card_data(stopping=stopping)))
+    if expected is None:
+        assert "| Stopping |" not in text
+    else:
+        assert expected in text

@@ -65,6 +65,7 @@ def test_parse_method_and_unknown_methods():
     assert parse_method("hyperflow:rk4:4").steps == 4
     assert parse_method("ft-lora").groups == ("lora",)
     assert parse_method("ft-blocks").groups == ("blocks",)
+    assert parse_method("hyperflow:fixed").stopping == "fixed" and parse_method("hyperflow").stopping is None
     assert parse_method("ft-lora+shift").groups == ("lora", "shift")
     with pytest.raises(ValueError, match=r"a fine-tuning mix joins distinct groups"):
         parse_method("ft-lora+full")

@@ -61,3 +61,12 @@ def test_results_plot_is_a_png_and_needs_latencies(tmp_path):
 
 def test_validate_results_returns_its_input():
     assert validate_results(RESULTS) is RESULTS
+
+
+def test_protocol_text_names_the_episode_shape():
+    from hf_hyperflow.results import protocol_text
+
+    base = {"protocol": "fixed", "image_size": 64}
+    assert protocol_text({**base, "ways": 5, "shots": 5, "queries": 15}).startswith("5-way 5-shot, 15 queries")
+    assert protocol_text({**base, "ways": 5, "shots": None}).startswith("5-way, shots and queries per dataset")
+    assert protocol_text({"protocol": "md"}).startswith("variable-way variable-shot")

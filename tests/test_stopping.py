@@ -140,3 +140,33 @@ def test_steps_must_be_positive_int_or_auto():
             adapter.adapt(images, labels, steps=bad)
     with pytest.raises(ValueError, match=r"stopping='sometimes' is unknown"):
         HyperFlowConfig(stopping="sometimes")
+
+
+def test_stopping_argument_replaces_the_configs_rule():
+    """An adapter saved with stopping='auto' integrates to t=1 when asked for stopping='fixed' (as an adapter
+    with stopping='fixed' does), and chooses its point when the config says auto."""
+    auto = make_adapter("vit", 0.5, stopping="auto")
+    fixed = make_adapter("vit", 0.5)
+    fixed.drift.load_state_dict(auto.drift.state_dict())
+    queries = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(9))
+    times = set()
+    for seed in range(6):
+        images, labels = episode(seed)
+        chosen = auto.adapt(images, labels)
+        assert chosen.integration_time == auto.adapt(images, labels, steps="auto").integration_time
+        times.add(chosen.integration_time)
+        whole = auto.adapt(images, labels, stopping="fixed")
+        assert whole.integration_time == 1.0
+        expected = fixed.adapt(images, labels).logits(queries)
+        torch.testing.assert_close(whole.logits(queries), expected, rtol=0,
+                                   atol=64 * torch.finfo(torch.float32).eps * float(expected.abs().max()))
+    assert times != {1.0}  # the auto rule did stop some tasks earlier
+
+
+def test_stopping_argument_is_checked():
+    adapter = make_adapter("vit", 0.05)
+    images, labels = episode(0)
+    with pytest.raises(ValueError, match=r"stopping must be 'fixed', 'auto' or None"):
+        adapter.adapt(images, labels, stopping="early")
+    with pytest.raises(ValueError, match=r"cannot be combined with stopping='fixed'"):
+        adapter.adapt(images, labels, steps="auto", stopping="fixed")

@@ -137,6 +137,7 @@ def build_adapter_card_data(folder: Path, repo_id: str, args: PushConfig) -> Ada
         lora_alpha=config.get("lora_alpha") if "lora" in groups else None,
         integrator=config.get("integrator"),
         steps=_first(config, "steps", "num_steps"),
+        stopping=config.get("stopping"),
         drift_parameters=parameters or None,
         drift_bytes=size or None,
         training_config=training_config,
