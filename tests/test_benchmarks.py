@@ -82,11 +82,27 @@ def test_adapt_speed(setting):
 
 def test_benchmark(setting):
     output = setting["root"] / "benchmark"
-    run("benchmark.py", "--run", setting["run"], "--data", setting["data"], "--episodes", 1, "--ft-episodes", 1,
-        "--ft-full-episodes", 1, "--lr-episodes", 1, "--sweep-episodes", 1, "--output", output)
+    run("benchmark.py", "--adapter", setting["run"] / "training" / "best", "--backbone",
+        setting["run"] / "efficientnet-lite0", "--data", setting["data"], "--source",
+        "glyphs_default=glyphs_default:script:2:3", "--out-of-domain", "digits", "--methods", "dt,hyperflow:auto",
+        "--fine-tuning", "ft-lora+shift,ft-full", "--lr-grid", "1e-3,1e-2",
+        "--episodes", 2, "--ft-episodes", 1, "--ft-full-episodes", 1, "--lr-episodes", 1, "--output", output)
     results = json.loads((output / "results" / "results.json").read_text())
-    assert len(results["results"]) == 3 and "## Targets" in (output / "RESULTS.md").read_text()
+    assert set(results["results"]) == {"glyphs_default (held-out groups)", "digits (out of domain)"}
+    assert {"dt", "hyperflow:auto", "ft-lora+shift", "ft-full"} <= set(
+        results["results"]["digits (out of domain)"])
+    assert "## Targets" in (output / "RESULTS.md").read_text()
     run("benchmark.py", "--render-only", "--output", output)
+
+
+def test_validation(setting):
+    output = setting["root"] / "validation"
+    run("validation.py", "--adapter", setting["run"] / "training" / "best", "--backbone",
+        setting["run"] / "efficientnet-lite0", "--class-splits", setting["run"] / "training" / "class_splits",
+        "--source", f"glyphs_default={setting['data'] / 'glyphs_default'}:script:2:3", "--methods",
+        "dt,hyperflow", "--episodes", 2, "--output", output)
+    rows = json.loads((output / "results.json").read_text())["results"]["glyphs_default (validation)"]
+    assert "gain_vs_dt" in rows["hyperflow"]
 
 
 def test_compact_results(setting):

@@ -1,0 +1,75 @@
+"""Direct transfer and HyperFlow variants on the validation classes of the meta-training sources: the figure
+every method choice (architecture, losses, steps, stopping) is made on.
+
+    python benchmarks/validation.py --adapter runs/X/best --class-splits runs/X/class_splits \
+        --source glyphs=data/glyphs:script --source emoji=data/emoji:category:1:3 \
+        --methods dt,hyperflow,hyperflow:auto --episodes 200 --output runs/X/validation
+
+A source is ``NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]`` (5-way; default 5 shots, 15 queries). Its class split is
+``<class-splits>/<NAME>.json`` when that file exists (the run's own), else ``ClassSplit.from_dataset(dataset,
+group_column=GROUP_COLUMN, seed=0)``. Every method runs on the same seeded episodes; results.json / results.md
+in ``--output`` carry the paired gains over dt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from datetime import date
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.teacher_study import parse_source  # noqa: E402
+
+
+def validation_domains(sources: list[dict], class_splits: Path | None) -> dict[str, tuple]:
+    """``name -> (dataset, sampler kwargs)`` of the sources' validation classes."""
+    from hf_hyperflow.episodes import ClassSplit, load_image_dataset
+
+    domains = {}
+    for source in sources:
+        dataset = load_image_dataset(source["path"])
+        saved = class_splits / f"{source['name']}.json" if class_splits else None
+        split = (ClassSplit.load(saved) if saved is not None and saved.is_file()
+                 else ClassSplit.from_dataset(dataset, group_column=source["group_column"], seed=0))
+        domains[f"{source['name']} (validation)"] = (dataset, {
+            "protocol": "fixed", "ways": 5, "shots": source["shots"], "queries": source["queries"],
+            "split": "validation", "class_split": split})
+    return domains
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", type=Path, default=Path("models/efficientnet-lite0"))
+    parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--class-splits", type=Path, default=None, help="folder of <name>.json class splits")
+    parser.add_argument("--source", action="append", required=True, help="NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]")
+    parser.add_argument("--methods", default="dt,hyperflow,hyperflow:auto")
+    parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    from transformers import AutoModel
+
+    from hf_hyperflow import HyperFlowAdapter
+    from hf_hyperflow.evaluation import Evaluator, machine_description, run_evaluation
+    from hf_hyperflow.results import write_outputs
+
+    adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(args.backbone).eval(), args.adapter)
+    evaluator = Evaluator(adapter, args.methods.split(","), memory_episodes=0, seed=args.seed, progress=False)
+    meta = {"backbone": str(args.backbone), "adapter": str(args.adapter), "protocol": "fixed", "ways": 5,
+            "shots": None, "queries": None, "image_size": int(adapter.config.image_size),
+            "machine": machine_description(), "date": date.today().isoformat(), "split": "validation",
+            "command": "python benchmarks/validation.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
+    domains = validation_domains([parse_source(s) for s in args.source], args.class_splits)
+    results, _ = run_evaluation(evaluator, domains, episodes=args.episodes, meta=meta, batch_tasks=0)
+    paths = write_outputs(results, args.output)
+    print(paths["markdown"].read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()
