@@ -65,7 +65,7 @@ def pil_images(draw):
         dtype = np.int32 if kind == "I" else np.float32
         scale = draw(st.sampled_from(["8-bit", "unit", "16-bit", "negative", "huge", "nan", "inf"]))
         low, high = {"8-bit": (0, 255), "unit": (0, 1), "16-bit": (0, 65535), "negative": (-300, 255),
-                     "huge": (0, 1e30), "nan": (0, 255), "inf": (0, 255)}[scale]
+                     "huge": (0, float(np.float32(1e30))), "nan": (0, 255), "inf": (0, 255)}[scale]
         if kind == "I":
             high = min(high, 2**31 - 1)
         elements = (st.integers(int(low), int(high)) if kind == "I"
