@@ -47,14 +47,14 @@ def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
 
 
 def build_efficientnet_lite0(output_dir: str | os.PathLike, image_size: int = 224) -> Path:
-    """Write the pretrained EfficientNet-Lite0 as a ``TimmWrapperModel`` folder (config, safetensors weights,
-    image processor) and return its path. ``AutoModel.from_pretrained(path)`` then works offline.
+    """Write the pretrained EfficientNet-Lite0 as a ``TimmWrapperModel`` folder (config, whose ``pretrained_cfg``
+    configures the image processor, and safetensors weights) and return its path. ``AutoModel.from_pretrained(path)`` then works offline.
 
     Args:
         output_dir: the folder to write.
         image_size: the side the image processor resizes to (the weights were trained at 224).
     """
-    from transformers import TimmWrapperConfig, TimmWrapperImageProcessor, TimmWrapperModel
+    from transformers import TimmWrapperConfig, TimmWrapperModel
 
     output = Path(output_dir)
     config = TimmWrapperConfig(
@@ -77,6 +77,5 @@ def build_efficientnet_lite0(output_dir: str | os.PathLike, image_size: int = 22
     if missing or unexpected:
         raise ValueError(f"EfficientNet-Lite0 weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     model.eval()
-    model.save_pretrained(output)
-    TimmWrapperImageProcessor(pretrained_cfg=config.pretrained_cfg).save_pretrained(output)
+    model.save_pretrained(output)  # config.json's pretrained_cfg is the image processor's configuration too
     return output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -294,3 +295,26 @@ def make_dataset(counts: list[int], label_kind: str = "classlabel", groups: list
         columns["group"] = [groups[c] for c in labels]
         features["group"] = datasets.Value("string")
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+# ------------------------------------------------------------------------------------------------ notices
+@contextlib.contextmanager
+def transformers_notices():
+    """Collect what transformers logs within the block at its default (warning) level, as a user would see it:
+    the tests run at "error" (TRANSFORMERS_VERBOSITY above), and each notice is said once per process."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    notices: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notices.append(record.getMessage())
+    logging.Logger.warning_once.cache_clear()
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        yield notices
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+        transformers_logging.set_verbosity(verbosity)

