@@ -73,6 +73,40 @@ def model_type(request) -> str:
     return request.param
 
 
+def random_support(seed: int = 0, ways: int = 3, shots: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random support set: pixels ``[ways * shots, 3, IMAGE_SIZE, IMAGE_SIZE]`` and labels ``[ways * shots]``
+    (each class ``shots`` times in a row)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(ways * shots, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    return images, torch.arange(ways).repeat_interleave(shots)
+
+
+def random_pixels(n: int = 4, seed: int | None = None) -> torch.Tensor:
+    """Seeded random pixels ``[n, 3, IMAGE_SIZE, IMAGE_SIZE]`` (seed ``n`` unless given)."""
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(n if seed is None else seed))
+
+
+def random_queries(seed: int = 100, n: int = 5) -> torch.Tensor:
+    """Seeded random query pixels ``[n, 3, IMAGE_SIZE, IMAGE_SIZE]``."""
+    return random_pixels(n, seed)
+
+
+def make_random_adapter(model_type: str, seed: int = 0, random_drift: bool = True, **config):
+    """A HyperFlowAdapter (3 steps unless ``config`` says) on a tiny ``model_type`` backbone, its drift randomised."""
+    from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
+
+    adapter = HyperFlowAdapter(make_backbone(model_type, seed), HyperFlowConfig(**{"steps": 3, **config}))
+    if random_drift:
+        randomize_drift(adapter)
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    """The default adapter of a test module: a tiny ViT with a random drift, 2 steps (a module may define its own)."""
+    return make_random_adapter("vit", steps=2)
+
+
 def save_tiny_adapter(root):
     """A tiny ViT saved to ``root/backbone`` and a HyperFlow adapter on it (3 steps, random non-zero drift) saved
     to ``root/adapter``; returns the two folders."""

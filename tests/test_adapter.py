@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, make_backbone, randomize_drift
+from conftest import make_backbone, randomize_drift
+from conftest import make_random_adapter as make_adapter
+from conftest import random_pixels as pixels
+from conftest import random_queries as queries
+from conftest import random_support as support
 from tolerances import assert_same_math
 
 from hf_hyperflow import AdaptedTask, HyperFlowAdapter, HyperFlowConfig
@@ -12,25 +16,7 @@ from hf_hyperflow.backbones import embed
 from hf_hyperflow.prefix import innermost_blocks
 from hf_hyperflow.tuner.layer import HyperFlowLayer
 
-WAYS, SHOTS = 3, 2
-
-
-def support(seed: int = 0, ways: int = WAYS, shots: int = SHOTS):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(ways * shots, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    labels = torch.arange(ways).repeat_interleave(shots)
-    return images, labels
-
-
-def queries(seed: int = 100, n: int = 5):
-    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
-
-
-def make_adapter(model_type: str, seed: int = 0, random_drift: bool = True, **config):
-    adapter = HyperFlowAdapter(make_backbone(model_type, seed), HyperFlowConfig(steps=3, **config))
-    if random_drift:
-        randomize_drift(adapter)
-    return adapter
+WAYS = 3  # random_support's default
 
 
 class TestEveryBackbone:
@@ -181,17 +167,6 @@ def test_adapt_many_in_chunks_equals_one_by_one():
 
 
 # ------------------------------------------------------------------------------------------------ files
-@pytest.fixture(scope="module")
-def adapter():
-    adapter = HyperFlowAdapter(make_backbone("vit"), HyperFlowConfig(steps=2))
-    randomize_drift(adapter)
-    return adapter
-
-
-def pixels(n=4):
-    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(n))
-
-
 def test_adapter_for_another_backbone(adapter, tmp_path):
     adapter.save_pretrained(tmp_path / "vit-adapter")
     with pytest.raises(ValueError, match="made for a 'vit' backbone, but the backbone given is a 'dinov2'"):

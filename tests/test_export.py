@@ -8,34 +8,14 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from conftest import IMAGE_SIZE, MODEL_TYPES, make_backbone, randomize_drift
+from conftest import MODEL_TYPES, make_backbone
+from conftest import make_random_adapter as make_adapter
+from conftest import random_queries as queries
+from conftest import random_support as support
 from safetensors.torch import load_file, save_file
 from tolerances import assert_same_math
 
-from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.backbones import BACKBONE_TABLE
-
-WAYS, SHOTS = 3, 2
-
-
-def support(seed: int = 0, ways: int = WAYS, shots: int = SHOTS):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(ways * shots, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    labels = torch.arange(ways).repeat_interleave(shots)
-    return images, labels
-
-
-def queries(seed: int = 100, n: int = 5):
-    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
-
-
-def make_adapter(model_type: str, seed: int = 0, random_drift: bool = True, **config):
-    adapter = HyperFlowAdapter(make_backbone(model_type, seed), HyperFlowConfig(steps=3, **config))
-    if random_drift:
-        randomize_drift(adapter)
-    return adapter
-
 
 STOCK_PEFT_SCRIPT = textwrap.dedent(
     """

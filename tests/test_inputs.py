@@ -5,22 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, make_backbone, randomize_drift, transformers_notices
+from conftest import IMAGE_SIZE, make_backbone, transformers_notices
+from conftest import random_pixels as pixels
 from PIL import Image
 
-from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.inputs import encode_labels
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    adapter = HyperFlowAdapter(make_backbone("vit"), HyperFlowConfig(steps=2))
-    randomize_drift(adapter)
-    return adapter
-
-
-def pixels(n=4):
-    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(n))
 
 
 def test_labels_strings_and_predictions_of_the_same_kind(adapter):

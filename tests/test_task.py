@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from conftest import IMAGE_SIZE, make_backbone, randomize_drift
+from conftest import make_backbone
+from conftest import random_pixels as pixels
 
-from hf_hyperflow import AdaptedTask, HyperFlowAdapter, HyperFlowConfig
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    adapter = HyperFlowAdapter(make_backbone("vit"), HyperFlowConfig(steps=2))
-    randomize_drift(adapter)
-    return adapter
-
-
-def pixels(n=4):
-    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(n))
+from hf_hyperflow import AdaptedTask
 
 
 def test_task_for_another_backbone(adapter, tmp_path):
