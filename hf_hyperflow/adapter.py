@@ -268,8 +268,10 @@ class HyperFlowAdapter:
         with record_function("hyperflow.task_encoding"):
             encoding = drift.encode_tasks(task_features, labels, sizes, num_classes, module_statistics)
         auto = (stopping or self.config.stopping) == "auto"
+        points = candidate_steps(steps, self.config.stopping_points) if auto else None
         with record_function("hyperflow.drift"):
-            path = drift.integrate(encoding, steps, method=integrator or self.config.integrator, return_path=auto)
+            path = drift.integrate(encoding, steps, method=integrator or self.config.integrator, return_path=auto,
+                                   path_steps=points)
 
         def support_features(state: TaskState, step: int) -> torch.Tensor:
             if step == 0 or not set(self.config.groups) & {"lora", "shift"}:
@@ -278,8 +280,7 @@ class HyperFlowAdapter:
                 return self._adapted_features(pixel_values, state, sizes, prefix, prefix_output, own_passes)
 
         if auto:
-            points = candidate_steps(steps, self.config.stopping_points)
-            candidates = [(path[k], support_features(path[k], k)) for k in points]
+            candidates = [(state, support_features(state, k)) for state, k in zip(path, points, strict=True)]
             chosen = self._choose_points(candidates, labels, sizes, num_classes)
             times = [points[k] / steps for k in chosen]
             state = TaskState.cat([candidates[k][0].select(i) for i, k in enumerate(chosen)])
@@ -342,19 +343,15 @@ class HyperFlowAdapter:
 
     def _first_pass(self, pixel_values: torch.Tensor, labels: torch.Tensor, sizes: list[int], num_classes: list[int]):
         """``(features, module statistics or None, frozen prefix, its output)`` of the first pass over T tasks'
-        support. The input moments behind module statistics are taken in one pass over every image."""
+        support (:meth:`frozen_features`, its passes bounded on a CPU); module statistics from the input moments
+        recorded on the way."""
         if not self.drift.statistics_size:
             features, prefix, output = self.frozen_features(pixel_values, keep_prefix=True)
             return features, None, prefix, output
-        prefix, output = self.frozen_prefix(), None
-        if prefix is not None:
-            try:
-                output = prefix.compute(pixel_values)
-            except Uncacheable:
-                prefix = None
-        with skip_prefix(prefix, output, pixel_values.shape[0]):
-            features, statistics = self.task_inputs(pixel_values, labels, sizes, num_classes)
-        return features, statistics, prefix, output
+        plan = self._pass_plan(pixel_values, keep_prefix=True)  # any probe runs outside the recorded passes
+        with self.tuner.input_moments(pixel_values.shape[0]) as moments:
+            features, prefix, output = self._frozen_passes(pixel_values, *plan)
+        return features, self.drift.module_statistics(moments, labels, sizes, num_classes), prefix, output
 
     @torch.no_grad()
     def frozen_features(self, pixel_values: torch.Tensor, keep_prefix: bool = False):
@@ -367,13 +364,26 @@ class HyperFlowAdapter:
         images' worth. With ``keep_prefix`` and a cacheable frozen prefix (``first_adapted_block``), the prefix's
         output is kept on the way for the adapted pass; else the last two are None.
         """
+        return self._frozen_passes(pixel_values, *self._pass_plan(pixel_values, keep_prefix))
+
+    def _pass_plan(self, pixel_values: torch.Tensor, keep_prefix: bool) -> tuple:
+        """``(frozen prefix or None, images per pass or None, images per late pass or None, early blocks or None)``
+        for :meth:`frozen_features` on images of this shape; probing the block sizes of a new shape runs one image
+        through the backbone."""
         prefix = self.frozen_prefix() if keep_prefix else None
         side, device = pixel_values.shape[-1], pixel_values.device
         per_pass = self.images_per_pass or default_images_per_pass(side, device)
         per_late_pass = self.images_per_late_pass or default_images_per_pass(side, device, late=True)
         if per_pass is None or pixel_values.shape[0] <= per_pass:
+            return prefix, None, None, None
+        return prefix, per_pass, per_late_pass, self._early_blocks(pixel_values, prefix)
+
+    @torch.no_grad()
+    def _frozen_passes(self, pixel_values: torch.Tensor, prefix: FrozenPrefix | None, per_pass: int | None,
+                       per_late_pass: int | None, early: FrozenPrefix | None):
+        """:meth:`frozen_features` by the plan of :meth:`_pass_plan`."""
+        if per_pass is None:
             return self._whole_pass(pixel_values, prefix)
-        early = self._early_blocks(pixel_values, prefix)
         if early is None:  # block outputs of one size (a ViT): every block a few images at a time
             return _joined([self._whole_pass(chunk, prefix) for chunk in pixel_values.split(per_pass)])
         parts = []

@@ -23,6 +23,7 @@ state is formed once, at the end (:class:`FlowCoordinates`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,13 +68,15 @@ class TaskEncoding:
 
 
 def input_statistics(mean: torch.Tensor, mean_square: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                     eps: float = 1e-5) -> torch.Tensor:
+                     eps: float = 1e-5, segments: list[int] | None = None) -> torch.Tensor:
     """Per-channel statistics of one module's input over one task's support images.
 
     Args:
         mean, mean_square: ``Tensor[S, C]``, per image the mean of the input and of its square over the
             positions / tokens of each channel.
         labels: ``LongTensor[S]``, in ``0..num_classes-1``.
+        segments: channel counts summing to C when the C channels are several modules' inputs side by side,
+            each standardised on its own (as separate calls would); None: one module.
 
     Returns:
         ``Tensor[3 * C]``: the standardised channel means, the standardised log variances, and the standard
@@ -83,13 +86,22 @@ def input_statistics(mean: torch.Tensor, mean_square: torch.Tensor, labels: torc
     channel_mean = mean.mean(0)
     variance = (mean_square.mean(0) - channel_mean.pow(2)).clamp_min(0) + eps
     class_means = class_prototypes(mean, labels, num_classes)  # [C_classes, C]
-    spread = class_means.std(0, unbiased=False) / variance.sqrt()
-    return torch.cat([_standardise(channel_mean, eps), _standardise(variance.log(), eps), spread])
+    spread = (class_means - class_means.mean(0)).pow(2).mean(0).sqrt() / variance.sqrt()  # std over classes
+    segments = segments or [mean.shape[1]]
+    return torch.cat([_standardise(channel_mean, segments, eps), _standardise(variance.log(), segments, eps), spread])
 
 
-def _standardise(values: torch.Tensor, eps: float) -> torch.Tensor:
-    """``Tensor[C]`` shifted and scaled to mean 0 and standard deviation 1 over its entries."""
-    return (values - values.mean()) / (values.std(unbiased=False) + eps)
+def _standardise(values: torch.Tensor, segments: list[int], eps: float) -> torch.Tensor:
+    """``Tensor[C]`` shifted and scaled to mean 0 and standard deviation 1 within each segment of entries."""
+    if len(segments) == 1:
+        return (values - values.mean()) / (values.std(unbiased=False) + eps)
+    counts = torch.tensor(segments, device=values.device)
+    segment = torch.repeat_interleave(torch.arange(len(segments), device=values.device), counts)  # [C]
+    sums = torch.zeros(len(segments), dtype=values.dtype, device=values.device)
+    means = sums.index_add(0, segment, values) / counts
+    centred = values - means[segment]
+    deviations = (sums.index_add(0, segment, centred.pow(2)) / counts).sqrt()
+    return centred / (deviations[segment] + eps)
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -233,12 +245,12 @@ class DriftNet(nn.Module):
         if missing:
             raise ValueError(f"No input moments were captured for the modules {missing[:3]}: run the support set "
                              f"through the backbone inside HyperFlowModel.input_moments().")
-        out = {}
-        for module in self.modules_order:
-            mean, mean_square = module_moments[module]
-            out[module] = torch.stack([input_statistics(a, b, y, c) for a, b, y, c in zip(
-                mean.split(sizes), mean_square.split(sizes), labels.split(sizes), num_classes, strict=True)])
-        return out
+        channels = [module_moments[m][0].shape[1] for m in self.modules_order]
+        mean, mean_square = (torch.cat([module_moments[m][j].float() for m in self.modules_order], 1) for j in (0, 1))
+        per_task = torch.stack([input_statistics(a, b, y, c, segments=channels) for a, b, y, c in zip(
+            mean.split(sizes), mean_square.split(sizes), labels.split(sizes), num_classes, strict=True)])
+        parts = per_task.reshape(len(sizes), 3, -1).split(channels, dim=2)  # [T, 3, C_m] each
+        return {m: part.reshape(len(sizes), -1) for m, part in zip(self.modules_order, parts, strict=True)}
 
     def _project_statistics(self, module_statistics: dict | None) -> torch.Tensor:
         """``Tensor[T, M, P]``: each module's statistics through its own projection."""
@@ -278,19 +290,27 @@ class DriftNet(nn.Module):
         return TaskState({k: out[k] for k in state})
 
     def integrate(self, encoding: TaskEncoding, steps: int, method: str = "euler", state0: TaskState | None = None,
-                  t0: float = 0.0, t1: float = 1.0, return_path: bool = False) -> TaskState | list[TaskState]:
+                  t0: float = 0.0, t1: float = 1.0, return_path: bool = False,
+                  path_steps: Sequence[int] | None = None) -> TaskState | list[TaskState]:
         """Integrate the drift from ``state0`` (default theta_0) with the named integrator.
 
         Equal, up to float rounding, to ``integrate(lambda s, t: self(s, t, encoding), state0, ...)``, but the
         integrator runs in the coordinates of the output maps (:class:`FlowCoordinates`): each evaluation costs the
         trunk and the head on small tensors, and the state is formed once at the end (once per returned state).
-        Arguments and return value as in :func:`hf_hyperflow.integrators.integrate`.
+        Arguments and return value as in :func:`hf_hyperflow.integrators.integrate`; with ``return_path``,
+        ``path_steps`` (indices in ``0..steps``) picks the points of the path returned (default: all).
         """
         at_theta0 = state0 is None
         state0 = self.initial_state(encoding) if at_theta0 else state0
         flow = _ReducedFlow(self, encoding, state0, at_theta0)
         path = integrate(flow, flow.start(), steps, method=method, t0=t0, t1=t1, return_path=return_path)
-        return [flow.state(p) for p in path] if return_path else flow.state(path)
+        if not return_path:
+            return flow.state(path)
+        if path_steps is None:
+            return [flow.state(p) for p in path]
+        if any(not 0 <= k <= steps for k in path_steps):
+            raise ValueError(f"path_steps must lie in 0..{steps}, got {list(path_steps)}.")
+        return [flow.state(path[k]) for k in path_steps]
 
     # -- pieces shared by forward() and the reduced flow ------------------------------------------
     def _time_embedding(self, t: float | torch.Tensor, encoding: TaskEncoding) -> torch.Tensor:

@@ -155,6 +155,21 @@ def test_later_blocks_and_adapted_pass_in_bounded_passes():
         assert_same_math(a.logits(x), b.logits(x))
 
 
+@pytest.mark.parametrize("model_type", ["timm_wrapper", "vit"])
+def test_module_statistics_from_bounded_passes_equal_one_pass(model_type):
+    """The input moments behind module statistics add up over the first pass's bounded passes of whole images."""
+    adapter = make_adapter(model_type, first_adapted_block=-1, statistics_size=3)
+    tasks = [support(1, ways=2, shots=3), support(2, ways=3, shots=2), support(3, ways=2, shots=2)]  # 6, 6, 4
+    x = queries()
+    whole = adapter.adapt_many(tasks)
+    adapter.images_per_pass, adapter.images_per_late_pass = 2, 5
+    bounded = adapter.adapt_many(tasks)
+    for a, b in zip(bounded, whole, strict=True):
+        for key in b.state:
+            assert_same_math(a.state[key], b.state[key])
+        assert_same_math(a.logits(x), b.logits(x))
+
+
 def test_adapt_many_in_chunks_equals_one_by_one():
     adapter = make_adapter("timm_wrapper", first_adapted_block=-1)
     tasks = [support(1), support(2, ways=2, shots=3), support(3, ways=4, shots=1), support(4), support(5)]

@@ -75,6 +75,12 @@ def test_reduced_integration_from_another_state_with_path_and_times():
     assert len(reduced) == len(full) == 5
     for a, b in zip(reduced, full, strict=True):
         assert_states_close(a, b, torch.float64)
+    picked = net.integrate(encoding, 4, method="heun", state0=start, t0=0.25, t1=0.75, return_path=True,
+                           path_steps=[0, 2, 4])
+    for a, b in zip(picked, [full[0], full[2], full[4]], strict=True):
+        assert_states_close(a, b, torch.float64)
+    with pytest.raises(ValueError, match=r"path_steps must lie in 0\.\.4"):
+        net.integrate(encoding, 4, return_path=True, path_steps=[0, 5])
 
 
 def test_per_task_scaling_of_coordinates_matches_task_states():
@@ -168,6 +174,17 @@ def test_input_statistics_known_answer():
     # computed in float32: within a few float32 epsilons
     assert float(stats[2]) == pytest.approx(2.0 / float(variance.sqrt()), rel=8 * torch.finfo(torch.float32).eps)
     assert float(stats[0]) == 0.0 and float(stats[1]) == 0.0  # one channel standardises to 0
+
+
+def test_input_statistics_of_modules_side_by_side_equal_separate_calls():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 2, 2, 1])
+    channels = [3, 1, 5]
+    mean = torch.randn(6, sum(channels), generator=generator, dtype=torch.float64) * 3
+    square = mean.pow(2) + torch.rand(6, sum(channels), generator=generator, dtype=torch.float64)
+    together = input_statistics(mean, square, labels, 3, segments=channels).reshape(3, -1).split(channels, dim=1)
+    for part, a, b in zip(together, mean.split(channels, dim=1), square.split(channels, dim=1), strict=True):
+        torch.testing.assert_close(part.reshape(-1), input_statistics(a, b, labels, 3))
 
 
 def test_statistics_change_the_drift_and_reduced_integration_still_matches():

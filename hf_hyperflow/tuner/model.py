@@ -37,11 +37,14 @@ def channel_moments(x: torch.Tensor, channels: int, num_images: int) -> tuple[to
     Returns:
         ``(mean, mean_square)``, each ``Tensor[num_images, C]`` in float32.
     """
-    if x.dim() == 4 and x.shape[1] == channels:
-        x = x.movedim(1, -1)
-    if x.shape[-1] != channels or x.shape[0] % num_images:
+    channels_first = x.dim() == 4 and x.shape[1] == channels
+    if (not channels_first and x.shape[-1] != channels) or x.shape[0] % num_images:
         raise ValueError(f"Cannot read {channels} channels of {num_images} images from an input of shape "
                          f"{tuple(x.shape)}.")
+    if channels_first:  # a product with 1/P over the contiguous positions: several times faster than mean()
+        x = x.float().reshape(num_images, -1, channels, x.shape[2] * x.shape[3]).transpose(1, 2).flatten(2)
+        weights = torch.full((x.shape[2],), 1.0 / x.shape[2], dtype=x.dtype, device=x.device)
+        return x @ weights, x.pow(2) @ weights
     x = x.float().reshape(num_images, -1, channels)
     return x.mean(1), x.pow(2).mean(1)
 
@@ -244,17 +247,20 @@ class HyperFlowModel(BaseTuner):
 
     @contextlib.contextmanager
     def input_moments(self, num_images: int):
-        """Within this block, every forward pass records the moments of each HyperFlow layer's input.
+        """Within this block, the forward passes record the moments of each HyperFlow layer's input.
 
-        Yields a dict filled as the backbone runs: ``module name -> (mean, mean_square)``, each
+        Yields a dict filled when the block ends: ``module name -> (mean, mean_square)``, each
         ``Tensor[num_images, C]`` (float32, no autograd): per image, the mean of the input and of its square
-        over the positions / tokens of each of its C input channels.
+        over the positions / tokens of each of its C input channels. The images may run in several passes of
+        whole images, in order (e.g. a support set a few images at a time); together they make ``num_images``.
         """
         moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
         def record(name: str, channels: int):
             def hook(module, args):
-                moments[name] = channel_moments(args[0].detach(), channels, num_images)
+                x = args[0].detach()  # [R, ...]: R rows of whole images
+                rows.setdefault(name, []).append(channel_moments(x, channels, x.shape[0]))
             return hook
 
         handles = [layer.register_forward_pre_hook(record(name, layer.in_features))
@@ -264,6 +270,17 @@ class HyperFlowModel(BaseTuner):
         finally:
             for handle in handles:
                 handle.remove()
+        for name, parts in rows.items():
+            mean, mean_square = parts[0] if len(parts) == 1 else (torch.cat(p) for p in zip(*parts, strict=True))
+            if mean.shape[0] == num_images:
+                moments[name] = (mean, mean_square)
+                continue
+            if mean.shape[0] % num_images:
+                raise ValueError(f"The passes inside input_moments({num_images}) ran {mean.shape[0]} rows through "
+                                 f"{name}, not a whole number per image: run exactly the {num_images} support "
+                                 f"images, each once.")
+            moments[name] = (mean.reshape(num_images, -1, mean.shape[1]).mean(1),
+                             mean_square.reshape(num_images, -1, mean.shape[1]).mean(1))
 
     @contextlib.contextmanager
     def merged_task(self, state: TaskState):
