@@ -32,6 +32,7 @@ import torch
 from benchmarks.speed_setup import (
     lite0_backbone,
     load_average,
+    settings_description,
     shipped_adapter,
     support_tasks,
     throughput,
@@ -64,8 +65,8 @@ def latency_and_memory(adapter, dataset, episodes: int) -> dict:
 def markdown(results: dict) -> str:
     lines = ["# Adaptation speed and memory: ratios measured within one run", "",
              "Written by benchmarks/adapt_speed.py; each label is one run of it (its command, code and load below).",
-             "EfficientNet-Lite0, shipped adapter settings (lora + shift + head, r 4, euler x 8, last two blocks "
-             "adapted), 5-way 5-shot episodes of glyphs_default, one torch thread.", ""]
+             f"EfficientNet-Lite0, {settings_description()}, 5-way 5-shot episodes of glyphs_default, one torch "
+             "thread.", ""]
     labels = list(results)
     for label, run in results.items():
         lines.append(f"- **{label}**: `{run['command']}` at commit {run['commit']} on {run['date']}, "

@@ -81,6 +81,19 @@ def pooled_lrs(results: dict, domains: list[str]) -> dict[str, float]:
     return chosen
 
 
+def parse_ft_lr(text: str) -> float | dict[str, float]:
+    """``--ft-lr``: one lr (``"0.01"``) or one per method (``"ft-lora+shift=0.01,ft-full=0.0001"``)."""
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = [item.split("=") for item in text.split(",") if item]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError
+        return {method.strip(): float(lr) for method, lr in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an lr or METHOD=LR pairs separated by commas, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapter", type=Path, default=Path("adapters/efficientnet_lite0"))
@@ -94,9 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="dt,hyperflow,hyperflow:auto,hyperflow:euler:8")
     parser.add_argument("--fine-tuning", default=",".join(FINE_TUNING), help="fine-tuning methods (comma-separated)")
     parser.add_argument("--lr-grid", default=",".join(map(str, LR_GRID)), help="fine-tuning lrs to choose from")
-    parser.add_argument("--ft-lr", type=float, default=None,
-                        help="one fine-tuning lr for every domain (chosen beforehand on validation classes) instead of "
-                             "choosing from --lr-grid per source")
+    parser.add_argument("--ft-lr", type=parse_ft_lr, default=None,
+                        help="fine-tuning lr for every domain (chosen beforehand on validation classes) instead of "
+                             "choosing from --lr-grid per source: one lr, or METHOD=LR per fine-tuning method "
+                             "(comma-separated, e.g. ft-lora+shift=0.01,ft-full=0.0001)")
     parser.add_argument("--ft-augment-pool", type=int, default=None,
                         help="fine-tuning's pseudo-queries from this many augmented support copies (the teacher's "
                              "protocol; default: fresh augmentations every step, P>M>F)")
@@ -185,6 +199,10 @@ def _lr_text(meta: dict) -> str:
     pool = meta.get("ft_augment_pool")
     queries = (f"pseudo-queries from {pool} augmented copies of the support (the teacher's protocol)" if pool
                else "fresh augmented pseudo-queries every step (P>M>F)")
+    if isinstance(meta.get("ft_lr"), dict):
+        lrs = ", ".join(f"{method} {lr}" for method, lr in meta["ft_lr"].items())
+        return (f"lr {lrs} for every domain (chosen beforehand on the sources' validation classes: "
+                f"benchmarks/experiments.md), {queries}")
     if meta.get("ft_lr"):
         return (f"lr {meta['ft_lr']} for every domain (chosen beforehand on the sources' validation classes: "
                 f"benchmarks/experiments.md), {queries}")

