@@ -36,7 +36,14 @@ if __package__ in (None, ""):
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.speed_setup import lite0_backbone, load_average, settings_description, shipped_adapter, support_tasks, warm_up
+from benchmarks.speed_setup import (
+    lite0_backbone,
+    load_average,
+    settings_description,
+    shipped_adapter,
+    support_tasks,
+    warm_up,
+)
 
 REGIONS = ["hyperflow.frozen_pass", "hyperflow.task_encoding", "hyperflow.drift", "hyperflow.adapted_pass",
            "hyperflow.head"]

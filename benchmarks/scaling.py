@@ -35,7 +35,14 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.speed_setup import lite0_backbone, load_average, settings_description, shipped_adapter, support_tasks, warm_up
+from benchmarks.speed_setup import (
+    lite0_backbone,
+    load_average,
+    settings_description,
+    shipped_adapter,
+    support_tasks,
+    warm_up,
+)
 
 METHODS = ["dt", "hyperflow", "ft-shift"]
 FT_SHIFT_LR = 1e-2
