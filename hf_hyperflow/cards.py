@@ -96,6 +96,15 @@ def _check_positive(card: Any, *names: str) -> None:
         check_number(card.lora_alpha, "lora_alpha", 0.0, strict_low=True)
 
 
+def _stopping_times(steps: int | None, points: int | None) -> str | None:
+    """The integration times the auto stopping rule judges, e.g. ``"t = 0, 0.5, 1"``; None if unknown."""
+    if not steps or not points:
+        return None
+    from .stopping import candidate_steps  # torch: only when a card is rendered
+
+    return "t = " + ", ".join(f"{k / steps:g}" for k in candidate_steps(steps, points))
+
+
 def _target_summary(target_modules: str | Sequence[str] | None) -> str | None:
     if target_modules is None:
         return None
@@ -153,6 +162,7 @@ class AdapterCardData:
         integrator / steps: how the drift is integrated (``"euler"``, ``"rk4"``...) and in how many steps.
         stopping: ``"fixed"`` (every task integrated to t=1) or ``"auto"`` (each task stops where its support
             set classifies itself best); None leaves it out.
+        stopping_points: with ``"auto"``, how many evenly spaced points of the path it judges (2: t = 0 and 1).
         drift_parameters / drift_bytes: size of the drift network (parameter count; bytes on disk).
         training_config: the meta-training configuration, shown as YAML.
         training_datasets: datasets the drift network was trained on (metadata ``datasets``).
@@ -177,6 +187,7 @@ class AdapterCardData:
     integrator: str | None = None
     steps: int | None = None
     stopping: str | None = None
+    stopping_points: int | None = None
     drift_parameters: int | None = None
     drift_bytes: int | None = None
     training_config: dict = field(default_factory=dict)
@@ -201,6 +212,8 @@ class AdapterCardData:
         if self.target_modules is not None and not isinstance(self.target_modules, str):
             check_str_list(self.target_modules, "target_modules")
         _check_positive(self, "feature_size", "lora_rank", "steps", "drift_parameters", "drift_bytes")
+        if self.stopping_points is not None:
+            check_int(self.stopping_points, "stopping_points", 2)
         if "lora" in self.groups and self.lora_rank is None:
             raise ValueError("groups include 'lora' but lora_rank is None: give the LoRA rank.")
         if not isinstance(self.training_config, Mapping):
@@ -243,6 +256,7 @@ def render_adapter_card(card_data: AdapterCardData) -> ModelCard:
         integrator=d.integrator,
         steps=d.steps,
         stopping=d.stopping,
+        stopping_times=_stopping_times(d.steps, d.stopping_points),
         drift_parameters=f"{d.drift_parameters:,}" if d.drift_parameters else None,
         drift_size=format_bytes(d.drift_bytes) if d.drift_bytes else None,
         training_config=yaml.safe_dump(dict(d.training_config), sort_keys=False).strip() if d.training_config else None,

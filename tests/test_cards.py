@@ -130,10 +130,15 @@ def test_task_card_data_errors(overrides, match):
         TaskCardData(**{**values, **overrides})
 
 
-@pytest.mark.parametrize("stopping, expected", [("auto", "| Stopping | per task"), ("fixed", "| Stopping | fixed"),
-                                                (None, None)])
-def test_adapter_card_states_the_stopping_rule(stopping, expected):
-    text = str(render_adapter_card(card_data(stopping=stopping)))
+@pytest.mark.parametrize("stopping, points, expected", [
+    ("auto", None, "| Stopping | per task, at the point of the path whose"),
+    ("auto", 2, "| Stopping | per task, at the point of the path (t = 0, 1) whose"),
+    ("auto", 3, "(t = 0, 0.5, 1)"),
+    ("fixed", None, "| Stopping | fixed"),
+    (None, None, None),
+])
+def test_adapter_card_states_the_stopping_rule(stopping, points, expected):
+    text = str(render_adapter_card(card_data(stopping=stopping, stopping_points=points)))
     if expected is None:
         assert "| Stopping |" not in text
     else:
