@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from hf_hyperflow.tuner.layer import (
+    POINTWISE_SLOW_IMAGES,
     HyperFlowConv2d,
     HyperFlowLinear,
     HyperFlowNorm,
     TaskRows,
+    pointwise_conv,
     split_rows,
 )
 
@@ -136,6 +138,33 @@ def test_conv2d_tasks_equal_each_task_alone(dtype, sizes, kind):
     batched, expected, magnitude, _ = run(layer, x, sizes)
     terms = 6 * base.kernel_size[0] * base.kernel_size[1] + 3
     close(batched, expected, terms, magnitude)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread within the test (the case where a 1x1 convolution over few images is a matrix product)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_is_the_1x1_convolution(bias):
+    conv = nn.Conv2d(6, 8, 1, bias=bias).double()
+    x = torch.randn(3, 6, 5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        close(pointwise_conv(x, conv.weight, conv.bias), conv(x), 7, absolute(conv)(x.abs()))
+
+
+@pytest.mark.parametrize("sizes", [[4], [POINTWISE_SLOW_IMAGES]], ids=["few images", "many images"])
+def test_one_task_1x1_conv_on_one_thread(one_thread, sizes):
+    torch.manual_seed(0)
+    layer = HyperFlowConv2d(nn.Conv2d(6, 8, 1).double(), "default", frozenset({"lora", "shift"}))
+    x = torch.randn(sum(sizes), 6, 9, 9, dtype=torch.float64)
+    assert layer._pointwise_by_matmul(x) == (sum(sizes) < POINTWISE_SLOW_IMAGES)
+    batched, expected, magnitude, _ = run(layer, x, sizes)
+    close(batched, expected, 6 + 3, magnitude)
 
 
 @pytest.mark.parametrize("sizes", list(SIZES.values()), ids=list(SIZES))

@@ -19,7 +19,8 @@ Norm layers of other kinds (subclasses with their own forward) call the base lay
 parameters, as :meth:`HyperFlowLayer.forward_each` does for any layer: the definition the batched paths equal up to
 float rounding. With one task set (``adapt``, and each bounded adapted pass of ``adapt_many`` on a CPU), every layer
 runs its base layer once with that task's parameters (the LoRA update merged into the weight: one convolution
-instead of the base one plus ``A_i x`` and ``B_i h``; one norm instead of an affine map and an identity norm).
+instead of the base one plus ``A_i x`` and ``B_i h``; one norm instead of an affine map and an identity norm; a
+1x1 convolution over fewer than ``POINTWISE_SLOW_IMAGES`` images on one CPU thread as one matrix product).
 
 Delta tensors (T tasks):
 - LoRA on Linear: ``A: [T, r, in]``, ``B: [T, out, r]``; on Conv2d: ``A: [T, r, in, kh, kw]``,
@@ -229,6 +230,27 @@ class HyperFlowLinear(nn.Module, HyperFlowLayer):
         return params
 
 
+# Below this many images, PyTorch runs a 1x1 convolution on one CPU thread through its unfold-and-multiply
+# kernel ("THNN is faster when single-threaded"), several times slower here than one matrix product.
+POINTWISE_SLOW_IMAGES = 16
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1, stride-1, unpadded, ungrouped convolution as one matrix product over the pixels.
+
+    Args:
+        x: ``Tensor[N, C, H, W]``; weight: ``Tensor[O, C, 1, 1]``; bias: ``Tensor[O]`` or None.
+
+    Returns:
+        ``Tensor[N, O, H, W]`` (contiguous), equal to ``F.conv2d(x, weight, bias)`` up to float rounding.
+    """
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # [NHW, C]
+    matrix = weight.reshape(weight.shape[0], c).T  # [C, O]
+    y = rows @ matrix if bias is None else torch.addmm(bias, rows, matrix)
+    return y.reshape(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
 class HyperFlowConv2d(HyperFlowLinear):
     """Conv2d with per-task LoRA factors (groups=1 only) and / or bias shift."""
 
@@ -260,7 +282,19 @@ class HyperFlowConv2d(HyperFlowLinear):
         if type(base) is not nn.Conv2d:
             return super()._forward_one(x, *args, **kwargs)
         params = self._task_parameters({k: v[0] for k, v in self.task_delta.items()})
-        return base._conv_forward(x, params.get("weight", base.weight), params.get("bias", base.bias))
+        weight, bias = params.get("weight", base.weight), params.get("bias", base.bias)
+        if self._pointwise_by_matmul(x):
+            return pointwise_conv(x, weight, bias)
+        return base._conv_forward(x, weight, bias)
+
+    def _pointwise_by_matmul(self, x: torch.Tensor) -> bool:
+        """Whether this layer is a plain 1x1 convolution over so few images on one CPU thread that PyTorch would
+        take its slow kernel (see ``POINTWISE_SLOW_IMAGES``): then :func:`pointwise_conv` computes it."""
+        base = self.get_base_layer()
+        return (type(base) is nn.Conv2d and base.kernel_size == (1, 1) and base.stride == (1, 1)
+                and base.dilation == (1, 1) and base.groups == 1 and base.padding in ((0, 0), "valid", "same")
+                and x.dim() == 4 and x.device.type == "cpu" and x.shape[0] < POINTWISE_SLOW_IMAGES
+                and torch.get_num_threads() == 1)
 
     def _lora_a(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """``A_i x`` per task: ``x: [T, n, C, H, W]``, ``a: [T, r, C, kh, kw]`` -> ``[T, n, r, H'W']``."""

@@ -150,6 +150,7 @@ class HyperFlowModel(BaseTuner):
         return key in self._resolved_roles.get(self._injecting_adapter, {})
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key):
+        self.__dict__.pop("_hyperflow_layers", None)
         if isinstance(target, HyperFlowLayer):
             raise ValueError(f"{current_key} already carries a HyperFlow layer: one HyperFlow adapter per backbone.")
         roles = self._resolved_roles[adapter_name][current_key]
@@ -207,17 +208,24 @@ class HyperFlowModel(BaseTuner):
     def _unloading_checks(self, adapter_names=None):
         return None
 
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        self.__dict__.pop("_hyperflow_layers", None)
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
     # -- use ---------------------------------------------------------------------------------------
     @property
     def drift(self) -> DriftNet:
         """The drift network of the active adapter."""
         return self.hyperflow_drift[self.active_adapters[0]]
 
-    def hyperflow_layers(self) -> Iterator[tuple[str, HyperFlowLayer]]:
-        """``(module name, layer)`` of every HyperFlow layer, in module order."""
-        for name, module in self.model.named_modules():
-            if isinstance(module, HyperFlowLayer):
-                yield name, module
+    def hyperflow_layers(self) -> list[tuple[str, HyperFlowLayer]]:
+        """``(module name, layer)`` of every HyperFlow layer, in module order (found once: walking the whole
+        backbone costs more than the layers' work on a small support set)."""
+        found = self.__dict__.get("_hyperflow_layers")
+        if found is None:
+            found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, HyperFlowLayer)]
+            self.__dict__["_hyperflow_layers"] = found
+        return found
 
     @contextlib.contextmanager
     def task_deltas(self, state: TaskState, sizes: list[int]):
