@@ -80,6 +80,13 @@ def test_adapt_speed(setting):
     assert "tiny" in output.read_text()
 
 
+def test_page_faults(setting):
+    output = setting["root"] / "page_faults.md"
+    run("page_faults.py", "--label", "tiny", "--shots", 1, "--tasks", 1, "--repeats", 1, "--data", setting["data"],
+        "--output", output, cwd=setting["root"])
+    assert "| tiny | 5-way 1-shot | adapt, fixed |" in output.read_text()
+
+
 def test_benchmark(setting):
     output = setting["root"] / "benchmark"
     run("benchmark.py", "--adapter", setting["run"] / "training" / "best", "--backbone",
@@ -93,9 +100,7 @@ def test_benchmark(setting):
         results["results"]["digits (out of domain)"])
     assert "## Targets" in (output / "RESULTS.md").read_text()
     run("benchmark.py", "--render-only", "--output", output)
-
-
-def test_benchmark_lr_per_fine_tuning_method():
+    # --ft-lr: one lr, or one per fine-tuning method
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.benchmark import parse_ft_lr
 
