@@ -132,6 +132,22 @@ def test_auto_batched_equals_one_by_one_and_one_shot_tasks_integrate_fully():
     assert batched[2].integration_time == 1.0  # one image per class: nothing to judge by, the whole path
 
 
+def test_auto_on_one_shot_tasks_is_the_fixed_path():
+    """With one image per class the rule has nothing to judge by: no pass at the path's other points."""
+    adapter = make_adapter("timm_wrapper", 0.5)
+    images, labels = episode(5, ways=4, shots=1)
+    _, layer = adapter.tuner.hyperflow_layers()[-1]
+    calls = []
+    handle = layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    auto = adapter.adapt(images, labels, steps="auto")
+    passes_auto, calls[:] = len(calls), []
+    fixed = adapter.adapt(images, labels, stopping="fixed")
+    handle.remove()
+    assert passes_auto == len(calls) == 2  # the first pass and one adapted pass
+    assert auto.integration_time == fixed.integration_time == 1.0
+    torch.testing.assert_close(auto.prototypes, fixed.prototypes, rtol=0, atol=0)
+
+
 def test_steps_must_be_positive_int_or_auto():
     adapter = make_adapter("vit", 0.05)
     images, labels = episode(0)
