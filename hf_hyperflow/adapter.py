@@ -44,7 +44,7 @@ from .io import add_checksum, attach_adapter_checked, load_safetensors_checked, 
 from .prefix import FrozenPrefix, Uncacheable, block_output_sizes, cat_leaves, image_range, skip_prefix
 from .results import save_results_plot
 from .state import HEAD_KEY, TaskState
-from .stopping import candidate_steps, choose_point, leave_one_out_loss
+from .stopping import any_task_judged, candidate_steps, choose_point, leave_one_out_loss
 from .task import AdaptedTask, HyperFlowEmbedder
 from .tuner.model import HyperFlowModel, peft_wrapping
 
@@ -267,9 +267,8 @@ class HyperFlowAdapter:
                     pixel_values, labels, sizes, num_classes)
         with record_function("hyperflow.task_encoding"):
             encoding = drift.encode_tasks(task_features, labels, sizes, num_classes, module_statistics)
-        # The rule judges a task by its classes of two or more images: where no task has one, it would keep the end
-        # of the path for every task, so the path's other points are not worth their adapted passes.
-        auto = (stopping or self.config.stopping) == "auto" and _any_class_twice(labels, sizes)
+        # Where the rule can judge no task, it would keep the end of the path for every one: no other points to pass.
+        auto = (stopping or self.config.stopping) == "auto" and any_task_judged(labels, sizes)
         points = candidate_steps(steps, self.config.stopping_points) if auto else None
         with record_function("hyperflow.drift"):
             path = drift.integrate(encoding, steps, method=integrator or self.config.integrator, return_path=auto,
@@ -586,11 +585,6 @@ def _saved_config(path: Path) -> HyperFlowConfig:
         return HyperFlowConfig(**raw)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{path}: {error} Correct the file, or save the adapter again.") from None
-
-
-def _any_class_twice(labels: torch.Tensor, sizes: list[int]) -> bool:
-    """Whether some task's support (``labels`` split by ``sizes``) has a class with two or more images."""
-    return any(bool((torch.bincount(y) >= 2).any()) for y in labels.split(sizes) if y.numel())
 
 
 def _steps_and_stopping(steps: int | str | None, stopping: str | None = None) -> tuple[int | None, str | None]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .heads import prototype_logits
 
-__all__ = ["candidate_steps", "choose_point", "leave_one_out_loss"]
+__all__ = ["any_task_judged", "candidate_steps", "choose_point", "leave_one_out_loss"]
 
 
 def candidate_steps(steps: int, points: int) -> list[int]:
@@ -66,6 +66,12 @@ def leave_one_out_loss(features: torch.Tensor, labels: torch.Tensor, num_classes
         prototypes = prototypes + head_shift.float()[None]
     logits = prototype_logits(features[:, None], prototypes, scale, bias)[:, 0]  # [S', C]
     return F.cross_entropy(logits, labels)
+
+
+def any_task_judged(labels: torch.Tensor, sizes: list[int]) -> bool:
+    """Whether the rule can judge any of T tasks: some task's support (``labels: LongTensor[N]`` split by ``sizes``)
+    has a class of two or more images (else :func:`leave_one_out_loss` is None for every task and every point)."""
+    return any(bool((torch.bincount(y) >= 2).any()) for y in labels.split(sizes) if y.numel())
 
 
 def choose_point(losses: list[torch.Tensor]) -> int:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_hyperflow.heads import class_prototypes, prototype_logits
-from hf_hyperflow.stopping import candidate_steps, choose_point, leave_one_out_loss
+from hf_hyperflow.stopping import any_task_judged, candidate_steps, choose_point, leave_one_out_loss
 
 
 def test_candidate_steps():
@@ -130,6 +130,13 @@ def test_auto_batched_equals_one_by_one_and_one_shot_tasks_integrate_fully():
         torch.testing.assert_close(task.prototypes, alone.prototypes, rtol=0,
                                    atol=1e3 * torch.finfo(torch.float32).eps * scale)
     assert batched[2].integration_time == 1.0  # one image per class: nothing to judge by, the whole path
+
+
+def test_any_task_judged():
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    assert not any_task_judged(labels, [3, 2])  # tasks 0,1,2 and 0,1: one image per class in each
+    assert any_task_judged(labels, [5])  # one task where classes 0 and 1 have two images
+    assert any_task_judged(torch.tensor([0, 1, 2, 0, 0, 1]), [3, 3])  # the second task has class 0 twice
 
 
 def test_auto_on_one_shot_tasks_is_the_fixed_path():
