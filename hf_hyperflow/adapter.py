@@ -492,7 +492,7 @@ class HyperFlowAdapter:
             integrator=config.integrator,
             steps=config.steps,
             stopping=config.stopping,
-            stopping_points=config.stopping_points if config.stopping == "auto" else None,
+            stopping_points=config.stopping_points,
             drift_parameters=parameters,
             drift_bytes=sum(t.numel() * t.element_size() for t in self.drift.state_dict().values()),
             training_config=dict(training_config or {}),

@@ -162,7 +162,8 @@ class AdapterCardData:
         integrator / steps: how the drift is integrated (``"euler"``, ``"rk4"``...) and in how many steps.
         stopping: ``"fixed"`` (every task integrated to t=1) or ``"auto"`` (each task stops where its support
             set classifies itself best); None leaves it out.
-        stopping_points: with ``"auto"``, how many evenly spaced points of the path it judges (2: t = 0 and 1).
+        stopping_points: how many evenly spaced points of the path ``"auto"`` judges (2: t = 0 and 1); shown
+            only with ``"auto"``.
         drift_parameters / drift_bytes: size of the drift network (parameter count; bytes on disk).
         training_config: the meta-training configuration, shown as YAML.
         training_datasets: datasets the drift network was trained on (metadata ``datasets``).
@@ -256,7 +257,7 @@ def render_adapter_card(card_data: AdapterCardData) -> ModelCard:
         integrator=d.integrator,
         steps=d.steps,
         stopping=d.stopping,
-        stopping_times=_stopping_times(d.steps, d.stopping_points),
+        stopping_times=_stopping_times(d.steps, d.stopping_points) if d.stopping == "auto" else None,
         drift_parameters=f"{d.drift_parameters:,}" if d.drift_parameters else None,
         drift_size=format_bytes(d.drift_bytes) if d.drift_bytes else None,
         training_config=yaml.safe_dump(dict(d.training_config), sort_keys=False).strip() if d.training_config else None,

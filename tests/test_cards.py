@@ -135,6 +135,7 @@ def test_task_card_data_errors(overrides, match):
     ("auto", 2, "| Stopping | per task, at the point of the path (t = 0, 1) whose"),
     ("auto", 3, "(t = 0, 0.5, 1)"),
     ("fixed", None, "| Stopping | fixed"),
+    ("fixed", 3, "| Stopping | fixed: every task integrated to t = 1 |"),
     (None, None, None),
 ])
 def test_adapter_card_states_the_stopping_rule(stopping, points, expected):

@@ -138,7 +138,7 @@ def build_adapter_card_data(folder: Path, repo_id: str, args: PushConfig) -> Ada
         integrator=config.get("integrator"),
         steps=_first(config, "steps", "num_steps"),
         stopping=config.get("stopping"),
-        stopping_points=config.get("stopping_points") if config.get("stopping") == "auto" else None,
+        stopping_points=config.get("stopping_points"),
         drift_parameters=parameters or None,
         drift_bytes=size or None,
         training_config=training_config,
