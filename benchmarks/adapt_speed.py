@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -32,6 +30,7 @@ import torch
 from benchmarks.speed_setup import (
     lite0_backbone,
     load_average,
+    save_labelled_run,
     settings_description,
     shipped_adapter,
     support_tasks,
@@ -95,10 +94,8 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import subprocess
 
     from hf_hyperflow.episodes import load_image_dataset
-    from hf_hyperflow.evaluation import machine_description
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--label", required=True, help="name of this run's column, e.g. before / after")
@@ -122,16 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes[size] = {"latency": latency_and_memory(adapter, dataset, args.episodes),
                        "throughput": throughput(adapter, tasks, counts, args.repeats)}
         print(size, json.dumps(sizes[size]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    store = args.output.with_suffix(".json")
-    results = json.loads(store.read_text()) if store.exists() else {}
-    results[args.label] = {
-        "command": "python benchmarks/adapt_speed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "commit": commit, "date": date.today().isoformat(), "machine": machine_description(), "load": load,
-        "seconds": time.perf_counter() - started, "sizes": sizes}
-    store.write_text(json.dumps(results, indent=1) + "\n")
-    args.output.write_text(markdown(results))
-    print(markdown(results))
+    save_labelled_run(args.output, args.label, "adapt_speed.py", argv, started, load, markdown, sizes=sizes)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,10 @@ Results are kept per ``--label`` in ``<stem>.json`` (run once per allocator sett
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import shlex
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -30,7 +27,13 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.speed_setup import SHIPPED_ADAPTER, lite0_backbone, load_average, support_tasks
+from benchmarks.speed_setup import (
+    SHIPPED_ADAPTER,
+    lite0_backbone,
+    load_average,
+    save_labelled_run,
+    support_tasks,
+)
 
 METHODS = ("dt", "adapt", "adapt, fixed")
 
@@ -77,11 +80,9 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     import os
-    import subprocess
 
     from hf_hyperflow import HyperFlowAdapter
     from hf_hyperflow.episodes import load_image_dataset
-    from hf_hyperflow.evaluation import machine_description
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--label", required=True, help="name of this run's rows, e.g. the allocator setting")
@@ -97,17 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     dataset = load_image_dataset(args.data / "glyphs_default")
     shots = {s: measure(adapter, support_tasks(adapter, dataset, args.tasks, shots=int(s)), args.repeats)
              for s in args.shots.split(",")}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
-    store = args.output.with_suffix(".json")
-    results = json.loads(store.read_text()) if store.exists() else {}
-    results[args.label] = {
-        "command": "python benchmarks/page_faults.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "environment": f" with {malloc}" if malloc else "", "commit": commit, "date": date.today().isoformat(),
-        "machine": machine_description(), "load": load, "seconds": time.perf_counter() - started, "shots": shots}
-    store.write_text(json.dumps(results, indent=1) + "\n")
-    args.output.write_text(markdown(results))
-    print(markdown(results))
+    save_labelled_run(args.output, args.label, "page_faults.py", argv, started, load, markdown,
+                      environment=f" with {malloc}" if malloc else "", shots=shots)
 
 
 if __name__ == "__main__":

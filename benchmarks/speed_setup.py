@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import statistics
+import subprocess
+import sys
+import time
+from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -111,3 +116,22 @@ def warm_up(adapter, task: tuple[torch.Tensor, torch.Tensor], ft_groups: tuple[s
     adapter.adapt(pixels, labels)
     if ft_groups:
         finetune(adapter, pixels, labels, groups=ft_groups, steps=1, lr=1e-4)
+
+
+def save_labelled_run(output: Path, label: str, script: str, argv: list[str] | None, started: float, load: str,
+                      render, **fields) -> None:
+    """Keep one run of a speed benchmark under ``label`` in ``<output stem>.json`` (its command, commit, date,
+    machine, load, seconds and ``fields``; other labels stay), write ``output`` from all of them with
+    ``render(results) -> str`` and print it."""
+    from hf_hyperflow.evaluation import machine_description
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    store = output.with_suffix(".json")
+    results = json.loads(store.read_text()) if store.exists() else {}
+    results[label] = {
+        "command": f"python benchmarks/{script} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "commit": commit, "date": date.today().isoformat(), "machine": machine_description(), "load": load,
+        "seconds": time.perf_counter() - started, **fields}
+    store.write_text(json.dumps(results, indent=1) + "\n")
+    output.write_text(render(results))
+    print(render(results))
