@@ -199,12 +199,10 @@ def _lr_text(meta: dict) -> str:
     pool = meta.get("ft_augment_pool")
     queries = (f"pseudo-queries from {pool} augmented copies of the support (the teacher's protocol)" if pool
                else "fresh augmented pseudo-queries every step (P>M>F)")
-    if isinstance(meta.get("ft_lr"), dict):
-        lrs = ", ".join(f"{method} {lr}" for method, lr in meta["ft_lr"].items())
+    lr = meta.get("ft_lr")
+    if lr:
+        lrs = ", ".join(f"{method} {value}" for method, value in lr.items()) if isinstance(lr, dict) else lr
         return (f"lr {lrs} for every domain (chosen beforehand on the sources' validation classes: "
-                f"benchmarks/experiments.md), {queries}")
-    if meta.get("ft_lr"):
-        return (f"lr {meta['ft_lr']} for every domain (chosen beforehand on the sources' validation classes: "
                 f"benchmarks/experiments.md), {queries}")
     return (f"lr per source chosen on its validation groups, for the out-of-domain sets the lr best over the "
             f"sources' validation tables: {meta.get('ft_lr_out_of_domain')}, {queries}")
