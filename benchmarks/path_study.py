@@ -1,0 +1,156 @@
+"""Every point of the integration path, per episode: the support set's leave-one-out loss and the query accuracy.
+
+The stopping rule (:mod:`hf_hyperflow.stopping`) sees only the first; this records both at every step of the path
+on the validation classes of the training sources, so that any rule (which candidate points, a margin in favour of
+direct transfer, judging the middle point only when needed) can be scored afterwards on the same episodes without
+running the adapter again (``--rules``).
+
+    python benchmarks/path_study.py --adapter adapters/efficientnet_lite0 \
+        --source wesnoth_units=data/wesnoth_units:race:2:3 --source glyphs_2shot=data/glyphs:script:2:3 \
+        --episodes 600 --output benchmarks/path_study
+
+Sources as in ``benchmarks/validation.py`` (the same seeded episodes). One JSON line per episode in
+``<output>/<source>.jsonl`` (resumable: episodes already there are skipped); ``--rules`` prints each rule's paired
+gain over direct transfer per source from those records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.teacher_study import parse_source  # noqa: E402
+from benchmarks.validation import validation_domains  # noqa: E402
+
+
+def path_record(adapter, support, labels, query, query_labels) -> dict:
+    """``{"loss": [K+1 floats or None], "accuracy": [K+1 floats]}`` at every step k = 0..K of one task's path
+    (``support: Tensor[S, 3, H, W]``, ``labels: LongTensor[S]``, ``query: Tensor[Q, 3, H, W]``)."""
+    import torch
+
+    from hf_hyperflow.backbones import embed
+    from hf_hyperflow.heads import class_prototypes
+    from hf_hyperflow.prefix import skip_prefix
+    from hf_hyperflow.state import HEAD_KEY
+    from hf_hyperflow.stopping import leave_one_out_loss
+
+    drift, steps = adapter.drift, adapter.config.steps
+    sizes, classes = [labels.shape[0]], int(labels.max()) + 1
+    with torch.no_grad():
+        features0, statistics, prefix, output = adapter._first_pass(support, labels, sizes, [classes])
+        encoding = drift.encode_tasks(features0, labels, sizes, [classes], statistics)
+        path = drift.integrate(encoding, steps, method=adapter.config.integrator, return_path=True)
+        query0, query_output = prefix.embed_and_keep(query)
+        losses, accuracies = [], []
+        for k, state in enumerate(path):
+            if k == 0:
+                features, query_features = features0, query0
+            else:
+                features = adapter._adapted_features(support, state, sizes, prefix, output, True)
+                with adapter.tuner.task_deltas(state, [query.shape[0]]), \
+                        skip_prefix(prefix, query_output, query.shape[0]):
+                    query_features = embed(adapter.backbone, query)
+            head = state[HEAD_KEY][0, :classes] if HEAD_KEY in state else None
+            loss = leave_one_out_loss(features, labels, classes, head, drift.logit_scale, drift.logit_bias)
+            prototypes = class_prototypes(features, labels, classes)
+            if head is not None:
+                prototypes = prototypes + head
+            predicted = drift.logits(query_features, prototypes).argmax(-1).cpu()
+            losses.append(None if loss is None else float(loss))
+            accuracies.append(float((predicted == query_labels.cpu()).float().mean()))
+    return {"loss": losses, "accuracy": accuracies}
+
+
+def record_source(adapter, name: str, dataset, sampler_kwargs: dict, episodes: int, seed: int, output: Path) -> Path:
+    """Append the records of episodes not yet in ``<output>/<name>.jsonl``; returns that path."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from hf_hyperflow.episodes import EpisodeSampler
+
+    path = output / f"{name.split(' ')[0]}.jsonl"
+    done = {json.loads(line)["episode"] for line in path.read_text().splitlines()} if path.exists() else set()
+    sampler = EpisodeSampler(dataset, **{**sampler_kwargs, "num_episodes": episodes, "seed": seed})
+    with path.open("a") as out:
+        for i in tqdm(range(episodes), desc=name):
+            if i in done:
+                continue
+            episode = sampler[i]
+            record = path_record(adapter, adapter.pixel_values(episode.support_images),
+                                 torch.as_tensor(episode.support_labels), adapter.pixel_values(episode.query_images),
+                                 torch.as_tensor(episode.query_labels))
+            out.write(json.dumps({"episode": i, **record}) + "\n")
+            out.flush()
+    return path
+
+
+def choose(losses: list, points: list[int], margin: float) -> int:
+    """The step the rule picks: among ``points`` (step indices, 0 first), the smallest leave-one-out loss after
+    adding ``margin`` to every point but 0; the last point when the task cannot be judged (loss None)."""
+    if losses[0] is None:
+        return points[-1]
+    scored = [(losses[k] + (margin if k else 0.0), i, k) for i, k in enumerate(points)]
+    return min(scored)[2]
+
+
+def score_rules(records: dict[str, list[dict]], rules: list[tuple[str, list[int], float]]) -> str:
+    """A markdown table: per rule and source, the paired gain over direct transfer (mean, 95% CI, in points)."""
+    from hf_hyperflow.stats import mean_confidence_interval
+
+    names = list(records)
+    lines = ["| rule | " + " | ".join(names) + " | worst | mean |", "|---" * (len(names) + 3) + "|"]
+    for label, points, margin in rules:
+        cells, means = [], []
+        for name in names:
+            gains = [100.0 * (r["accuracy"][choose(r["loss"], points, margin)] - r["accuracy"][0])
+                     for r in records[name]]
+            mean, half = mean_confidence_interval(gains)
+            cells.append(f"{mean:+.2f} ±{half:.2f}")
+            means.append(mean)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {min(means):+.2f} | {sum(means) / len(means):+.2f} |")
+    return "\n".join(lines)
+
+
+def parse_rule(text: str) -> tuple[str, list[int], float]:
+    """``"0,4,8@0.05"`` -> ``(text, [0, 4, 8], 0.05)``: candidate steps and the margin (default 0)."""
+    points, _, margin = text.partition("@")
+    steps = sorted({int(p) for p in points.split(",")})
+    if not steps or steps[0] != 0:
+        raise ValueError(f"a rule's points must include 0 (direct transfer), got {text!r}.")
+    return text, steps, float(margin or 0.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", type=Path, default=Path("models/efficientnet-lite0"))
+    parser.add_argument("--adapter", type=Path, default=Path("adapters/efficientnet_lite0"))
+    parser.add_argument("--source", action="append", required=True, help="NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]")
+    parser.add_argument("--episodes", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--rules", nargs="*", default=None,
+                        help='score rules from the records instead of recording: "0,4,8@0.05" = points, margin')
+    args = parser.parse_args(argv)
+    sources = [parse_source(s) for s in args.source]
+    if args.rules is not None:
+        records = {s["name"]: [json.loads(line) for line in (args.output / f"{s['name']}.jsonl").read_text()
+                               .splitlines()][: args.episodes] for s in sources}
+        print(score_rules(records, [parse_rule(r) for r in args.rules]))
+        return
+    from transformers import AutoModel
+
+    from hf_hyperflow import HyperFlowAdapter
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(args.backbone).eval(), args.adapter)
+    for name, (dataset, sampler_kwargs) in validation_domains(sources, None).items():
+        record_source(adapter, name, dataset, sampler_kwargs, args.episodes, args.seed, args.output)
+
+
+if __name__ == "__main__":
+    main()
