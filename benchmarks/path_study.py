@@ -89,40 +89,72 @@ def record_source(adapter, name: str, dataset, sampler_kwargs: dict, episodes: i
     return path
 
 
-def choose(losses: list, points: list[int], margin: float) -> int:
-    """The step the rule picks: among ``points`` (step indices, 0 first), the smallest leave-one-out loss after
-    adding ``margin`` to every point but 0; the last point when the task cannot be judged (loss None)."""
-    if losses[0] is None:
-        return points[-1]
-    scored = [(losses[k] + (margin if k else 0.0), i, k) for i, k in enumerate(points)]
-    return min(scored)[2]
+def choose(losses: list, rule: dict) -> tuple[int, int]:
+    """``(step the rule picks, adapted support passes it needed)`` for one task's leave-one-out ``losses``.
+
+    Among the rule's ``points`` (step indices, 0 first), the smallest loss after adding ``margin`` (plus
+    ``relative`` times the loss at 0) to every point but 0, the earliest on ties; the last point when the task
+    cannot be judged (loss None). A ``lazy`` rule judges the end of the path first and the points between only
+    when the end's loss is not below ``1 - accept`` times the loss at 0.
+    """
+    points = rule["points"]
+    if losses[0] is None or rule["end"]:
+        return points[-1], 1
+
+    def penalised(k: int) -> float:
+        return losses[k] + (rule["margin"] + rule["relative"] * losses[0] if k else 0.0)
+
+    if rule["lazy"] and penalised(points[-1]) < losses[0] * (1.0 - rule["accept"]):
+        return points[-1], 1
+    return min(points, key=lambda k: (penalised(k), k)), len(points) - 1
 
 
-def score_rules(records: dict[str, list[dict]], rules: list[tuple[str, list[int], float]]) -> str:
-    """A markdown table: per rule and source, the paired gain over direct transfer (mean, 95% CI, in points)."""
+def score_rules(records: dict[str, list[dict]], rules: list[dict], versus: dict | None = None) -> str:
+    """A markdown table: per rule and source, the paired gain over direct transfer (mean, 95% CI, in points), the
+    worst and mean over sources, and the mean number of adapted support passes per task; with ``versus`` (a rule),
+    the paired difference against that rule instead of against direct transfer."""
     from hf_hyperflow.stats import mean_confidence_interval
 
     names = list(records)
-    lines = ["| rule | " + " | ".join(names) + " | worst | mean |", "|---" * (len(names) + 3) + "|"]
-    for label, points, margin in rules:
-        cells, means = [], []
+    lines = ["| rule | " + " | ".join(names) + " | worst | mean | adapted passes |",
+             "|---" * (len(names) + 4) + "|"]
+    for rule in rules:
+        cells, means, passes = [], [], []
         for name in names:
-            gains = [100.0 * (r["accuracy"][choose(r["loss"], points, margin)] - r["accuracy"][0])
-                     for r in records[name]]
+            picks = [(r, *choose(r["loss"], rule)) for r in records[name]]
+            gains = [100.0 * (r["accuracy"][k] - r["accuracy"][choose(r["loss"], versus)[0] if versus else 0])
+                     for r, k, _ in picks]
+            passes.extend(n for _, _, n in picks)
             mean, half = mean_confidence_interval(gains)
             cells.append(f"{mean:+.2f} ±{half:.2f}")
             means.append(mean)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {min(means):+.2f} | {sum(means) / len(means):+.2f} |")
+        lines.append(f"| {rule['text']} | " + " | ".join(cells) + f" | {min(means):+.2f} | "
+                     f"{sum(means) / len(means):+.2f} | {sum(passes) / len(passes):.2f} |")
     return "\n".join(lines)
 
 
-def parse_rule(text: str) -> tuple[str, list[int], float]:
-    """``"0,4,8@0.05"`` -> ``(text, [0, 4, 8], 0.05)``: candidate steps and the margin (default 0)."""
-    points, _, margin = text.partition("@")
-    steps = sorted({int(p) for p in points.split(",")})
+def parse_rule(text: str) -> dict:
+    """``"0,4,8@0.05"``: candidate steps, absolute margin; ``"0,4,8%0.1"``: a margin of 10% of the loss at 0;
+    a ``lazy:`` prefix judges the end first (``lazy:0,4,8~0.2``: accepted outright when 20% below the loss at 0) (:func:`choose`); ``"end"``: fixed steps, always the end of the path."""
+    if text == "end":  # fixed steps: always the end of the path
+        return {"text": text, "points": [0, -1], "margin": 0.0, "relative": 0.0, "lazy": False, "accept": 0.0,
+                "end": True}
+    body, lazy = (text[5:], True) if text.startswith("lazy:") else (text, False)
+    margin = relative = accept = 0.0
+    if "~" in body:
+        body, value = body.split("~")
+        accept = float(value)
+    if "@" in body:
+        body, value = body.split("@")
+        margin = float(value)
+    elif "%" in body:
+        body, value = body.split("%")
+        relative = float(value)
+    steps = sorted({int(p) for p in body.split(",")})
     if not steps or steps[0] != 0:
         raise ValueError(f"a rule's points must include 0 (direct transfer), got {text!r}.")
-    return text, steps, float(margin or 0.0)
+    return {"text": text, "points": steps, "margin": margin, "relative": relative, "lazy": lazy, "accept": accept,
+            "end": False}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,12 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--rules", nargs="*", default=None,
                         help='score rules from the records instead of recording: "0,4,8@0.05" = points, margin')
+    parser.add_argument("--versus", default=None, help="with --rules: paired differences against this rule, not dt")
     args = parser.parse_args(argv)
     sources = [parse_source(s) for s in args.source]
     if args.rules is not None:
         records = {s["name"]: [json.loads(line) for line in (args.output / f"{s['name']}.jsonl").read_text()
                                .splitlines()][: args.episodes] for s in sources}
-        print(score_rules(records, [parse_rule(r) for r in args.rules]))
+        versus = parse_rule(args.versus) if args.versus else None
+        print(score_rules(records, [parse_rule(r) for r in args.rules], versus))
         return
     from transformers import AutoModel
 
@@ -148,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
 
     args.output.mkdir(parents=True, exist_ok=True)
     adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(args.backbone).eval(), args.adapter)
-    for name, (dataset, sampler_kwargs) in validation_domains(sources, None).items():
+    for source, (name, (dataset, sampler_kwargs)) in zip(sources, validation_domains(sources, None).items(),
+                                                          strict=True):
+        # classes too small for the episode's shape are left out (wesnoth_units at 5 shots)
+        sampler_kwargs = {**sampler_kwargs, "min_images_per_class": source["shots"] + source["queries"]}
         record_source(adapter, name, dataset, sampler_kwargs, args.episodes, args.seed, args.output)
 
 
