@@ -45,7 +45,9 @@ def path_record(adapter, support, labels, query, query_labels) -> dict:
         features0, statistics, prefix, output = adapter._first_pass(support, labels, sizes, [classes])
         encoding = drift.encode_tasks(features0, labels, sizes, [classes], statistics)
         path = drift.integrate(encoding, steps, method=adapter.config.integrator, return_path=True)
-        query0, query_output = prefix.embed_and_keep(query)
+        # the queries' frozen prefix runs once (a backbone without a cacheable prefix runs whole every time)
+        query0, query_output = prefix.embed_and_keep(query) if prefix is not None else (
+            embed(adapter.backbone, query), None)
         losses, accuracies = [], []
         for k, state in enumerate(path):
             if k == 0:
@@ -102,7 +104,8 @@ def choose(losses: list, rule: dict) -> tuple[int, int]:
         return points[-1], 1
 
     def penalised(k: int) -> float:
-        return losses[k] + (rule["margin"] + rule["relative"] * losses[0] if k else 0.0)
+        return losses[k] + (rule["margin"] + rule["relative"] * losses[0] if k else 0.0) + \
+            rule["per_time"] * losses[0] * k / points[-1]
 
     if rule["lazy"] and penalised(points[-1]) < losses[0] * (1.0 - rule["accept"]):
         return points[-1], 1
@@ -135,12 +138,15 @@ def score_rules(records: dict[str, list[dict]], rules: list[dict], versus: dict 
 
 def parse_rule(text: str) -> dict:
     """``"0,4,8@0.05"``: candidate steps, absolute margin; ``"0,4,8%0.1"``: a margin of 10% of the loss at 0;
-    a ``lazy:`` prefix judges the end first (``lazy:0,4,8~0.2``: accepted outright when 20% below the loss at 0) (:func:`choose`); ``"end"``: fixed steps, always the end of the path."""
+    ``"0,4,8^0.1"``: a margin of 10% of the loss at 0 times the point's time t; a ``lazy:`` prefix judges the end first (``lazy:0,4,8~0.2``: accepted outright when 20% below the loss at 0) (:func:`choose`); ``"end"``: fixed steps, always the end of the path."""
     if text == "end":  # fixed steps: always the end of the path
-        return {"text": text, "points": [0, -1], "margin": 0.0, "relative": 0.0, "lazy": False, "accept": 0.0,
+        return {"text": text, "points": [0, -1], "margin": 0.0, "relative": 0.0, "lazy": False, "accept": 0.0, "per_time": 0.0,
                 "end": True}
     body, lazy = (text[5:], True) if text.startswith("lazy:") else (text, False)
-    margin = relative = accept = 0.0
+    margin = relative = accept = per_time = 0.0
+    if "^" in body:
+        body, value = body.split("^")
+        per_time = float(value)
     if "~" in body:
         body, value = body.split("~")
         accept = float(value)
@@ -153,7 +159,7 @@ def parse_rule(text: str) -> dict:
     steps = sorted({int(p) for p in body.split(",")})
     if not steps or steps[0] != 0:
         raise ValueError(f"a rule's points must include 0 (direct transfer), got {text!r}.")
-    return {"text": text, "points": steps, "margin": margin, "relative": relative, "lazy": lazy, "accept": accept,
+    return {"text": text, "points": steps, "margin": margin, "relative": relative, "lazy": lazy, "accept": accept, "per_time": per_time,
             "end": False}
 
 

@@ -121,6 +121,27 @@ def test_validation(setting):
     assert "gain_vs_dt" in rows["hyperflow"]
 
 
+def test_path_study(setting):
+    """Every point of the path recorded; its t = 0 is direct transfer, scored as the validation driver scores it."""
+    output = setting["root"] / "path_study"
+    source = f"glyphs_default={setting['data'] / 'glyphs_default'}:script:2:3"
+    common = ["--adapter", setting["run"] / "training" / "best", "--backbone", setting["run"] / "efficientnet-lite0",
+              "--source", source, "--episodes", 3, "--output", output]
+    run("path_study.py", *common)
+    records = [json.loads(line) for line in (output / "glyphs_default.jsonl").read_text().splitlines()]
+    config = json.loads((setting["run"] / "training" / "best" / "adapter_config.json").read_text())
+    assert [r["episode"] for r in records] == [0, 1, 2]
+    assert all(len(r["loss"]) == len(r["accuracy"]) == config["steps"] + 1 for r in records)
+    run("validation.py", "--adapter", setting["run"] / "training" / "best", "--backbone",
+        setting["run"] / "efficientnet-lite0", "--source", source, "--methods", "dt", "--episodes", 3,
+        "--output", setting["root"] / "path_study_dt")
+    dt = json.loads((setting["root"] / "path_study_dt" / "results.json").read_text())
+    mean_dt = dt["results"]["glyphs_default (validation)"]["dt"]["accuracy"]
+    assert abs(100 * sum(r["accuracy"][0] for r in records) / 3 - mean_dt) < 1e-3
+    table = run("path_study.py", *common, "--rules", "end", "0,1", "lazy:0,1~0.2")
+    assert "| end |" in table and "| lazy:0,1~0.2 |" in table
+
+
 def test_compact_results(setting):
     path = setting["root"] / "results.json"
     shutil.copyfile(BENCHMARKS / "fewer_steps" / "held_out" / "results.json", path)
