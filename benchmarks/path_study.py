@@ -28,9 +28,10 @@ from benchmarks.teacher_study import parse_source  # noqa: E402
 from benchmarks.validation import validation_domains  # noqa: E402
 
 
-def path_record(adapter, support, labels, query, query_labels) -> dict:
+def path_record(adapter, support, labels, query, query_labels, steps: int | None = None) -> dict:
     """``{"loss": [K+1 floats or None], "accuracy": [K+1 floats]}`` at every step k = 0..K of one task's path
-    (``support: Tensor[S, 3, H, W]``, ``labels: LongTensor[S]``, ``query: Tensor[Q, 3, H, W]``)."""
+    (``support: Tensor[S, 3, H, W]``, ``labels: LongTensor[S]``, ``query: Tensor[Q, 3, H, W]``; K = ``steps``,
+    default the adapter's)."""
     import torch
 
     from hf_hyperflow.backbones import embed
@@ -39,7 +40,7 @@ def path_record(adapter, support, labels, query, query_labels) -> dict:
     from hf_hyperflow.state import HEAD_KEY
     from hf_hyperflow.stopping import leave_one_out_loss
 
-    drift, steps = adapter.drift, adapter.config.steps
+    drift, steps = adapter.drift, steps or adapter.config.steps
     sizes, classes = [labels.shape[0]], int(labels.max()) + 1
     with torch.no_grad():
         features0, statistics, prefix, output = adapter._first_pass(support, labels, sizes, [classes])
@@ -68,7 +69,8 @@ def path_record(adapter, support, labels, query, query_labels) -> dict:
     return {"loss": losses, "accuracy": accuracies}
 
 
-def record_source(adapter, name: str, dataset, sampler_kwargs: dict, episodes: int, seed: int, output: Path) -> Path:
+def record_source(adapter, name: str, dataset, sampler_kwargs: dict, episodes: int, seed: int, output: Path,
+                  steps: int | None = None) -> Path:
     """Append the records of episodes not yet in ``<output>/<name>.jsonl``; returns that path."""
     import torch
     from tqdm.auto import tqdm
@@ -85,7 +87,7 @@ def record_source(adapter, name: str, dataset, sampler_kwargs: dict, episodes: i
             episode = sampler[i]
             record = path_record(adapter, adapter.pixel_values(episode.support_images),
                                  torch.as_tensor(episode.support_labels), adapter.pixel_values(episode.query_images),
-                                 torch.as_tensor(episode.query_labels))
+                                 torch.as_tensor(episode.query_labels), steps)
             out.write(json.dumps({"episode": i, **record}) + "\n")
             out.flush()
     return path
@@ -137,8 +139,13 @@ def score_rules(records: dict[str, list[dict]], rules: list[dict], versus: dict 
 
 
 def parse_rule(text: str) -> dict:
-    """``"0,4,8@0.05"``: candidate steps, absolute margin; ``"0,4,8%0.1"``: a margin of 10% of the loss at 0;
-    ``"0,4,8^0.1"``: a margin of 10% of the loss at 0 times the point's time t; a ``lazy:`` prefix judges the end first (``lazy:0,4,8~0.2``: accepted outright when 20% below the loss at 0) (:func:`choose`); ``"end"``: fixed steps, always the end of the path."""
+    """A rule for :func:`choose` from its text.
+
+    ``"0,4,8@0.05"``: candidate steps, absolute margin; ``"0,4,8%0.1"``: a margin of 10% of the loss at 0;
+    ``"0,4,8^0.1"``: a margin of 10% of the loss at 0 times the point's time t; a ``lazy:`` prefix judges the end
+    first (``lazy:0,4,8~0.2``: accepted outright when 20% below the loss at 0); ``"end"``: fixed steps, always the
+    end of the path.
+    """
     if text == "end":  # fixed steps: always the end of the path
         return {"text": text, "points": [0, -1], "margin": 0.0, "relative": 0.0, "lazy": False, "accept": 0.0, "per_time": 0.0,
                 "end": True}
@@ -159,8 +166,8 @@ def parse_rule(text: str) -> dict:
     steps = sorted({int(p) for p in body.split(",")})
     if not steps or steps[0] != 0:
         raise ValueError(f"a rule's points must include 0 (direct transfer), got {text!r}.")
-    return {"text": text, "points": steps, "margin": margin, "relative": relative, "lazy": lazy, "accept": accept, "per_time": per_time,
-            "end": False}
+    return {"text": text, "points": steps, "margin": margin, "relative": relative, "lazy": lazy, "accept": accept,
+            "per_time": per_time, "end": False}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", action="append", required=True, help="NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="integration steps (default: the adapter's)")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--rules", nargs="*", default=None,
                         help='score rules from the records instead of recording: "0,4,8@0.05" = points, margin')
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                                                           strict=True):
         # classes too small for the episode's shape are left out (wesnoth_units at 5 shots)
         sampler_kwargs = {**sampler_kwargs, "min_images_per_class": source["shots"] + source["queries"]}
-        record_source(adapter, name, dataset, sampler_kwargs, args.episodes, args.seed, args.output)
+        record_source(adapter, name, dataset, sampler_kwargs, args.episodes, args.seed, args.output, args.steps)
 
 
 if __name__ == "__main__":
