@@ -54,7 +54,7 @@ def path_record(adapter, support, labels, query, query_labels, steps: int | None
             if k == 0:
                 features, query_features = features0, query0
             else:
-                features = adapter._adapted_features(support, state, sizes, prefix, output, True)
+                features = adapter._adapted_features(support, [state], sizes, prefix, output, True)[0]
                 with adapter.tuner.task_deltas(state, [query.shape[0]]), \
                         skip_prefix(prefix, query_output, query.shape[0]):
                     query_features = embed(adapter.backbone, query)

@@ -274,21 +274,23 @@ class HyperFlowAdapter:
             path = drift.integrate(encoding, steps, method=integrator or self.config.integrator, return_path=auto,
                                    path_steps=points)
 
-        def support_features(state: TaskState, step: int) -> torch.Tensor:
-            if step == 0 or not set(self.config.groups) & {"lora", "shift"}:
-                return task_features
+        adapts = bool(set(self.config.groups) & {"lora", "shift"})
+
+        def support_features(states: list[TaskState]) -> list[torch.Tensor]:
+            """The support at the given points of the path (after t = 0), all in one pass."""
             with record_function("hyperflow.adapted_pass"):
-                return self._adapted_features(pixel_values, state, sizes, prefix, prefix_output, own_passes)
+                return self._adapted_features(pixel_values, states, sizes, prefix, prefix_output, own_passes)
 
         if auto:
-            candidates = [(state, support_features(state, k)) for state, k in zip(path, points, strict=True)]
+            later = support_features(path[1:]) if adapts else [task_features] * (len(path) - 1)
+            candidates = list(zip(path, [task_features, *later], strict=True))
             chosen = self._choose_points(candidates, labels, sizes, num_classes)
             times = [points[k] / steps for k in chosen]
             state = TaskState.cat([candidates[k][0].select(i) for i, k in enumerate(chosen)])
             features = torch.cat([candidates[k][1].split(sizes)[i] for i, k in enumerate(chosen)])
         else:
             state, times = path, [1.0] * len(sizes)
-            features = support_features(state, steps)
+            features = support_features([state])[0] if adapts else task_features
         with record_function("hyperflow.head"):
             prototypes = _padded_prototypes(features, labels, sizes, num_classes)
             if "head" in self.config.groups:
@@ -398,16 +400,16 @@ class HyperFlowAdapter:
                 parts.append(self._whole_pass(images, prefix))
         return _joined(parts)
 
-    def _adapted_features(self, pixel_values: torch.Tensor, state: TaskState, sizes: list[int],
-                          prefix: FrozenPrefix | None, prefix_output, in_groups: bool) -> torch.Tensor:
-        """``Tensor[N, D]``: the support through the backbone with every task's delta, the frozen prefix skipped
-        (its output reused). ``in_groups``: whole tasks at a time, at most ``images_per_late_pass`` images per
-        pass where that is set (at least one task), as the first pass's later blocks ran."""
+    def _adapted_features(self, pixel_values: torch.Tensor, states: list[TaskState], sizes: list[int],
+                          prefix: FrozenPrefix | None, prefix_output, in_groups: bool) -> list[torch.Tensor]:
+        """``[Tensor[N, D]]``, one per state of ``states`` (e.g. points of a path): the support through the backbone
+        with every task's delta, the frozen prefix skipped (its output reused). The states' passes run together,
+        as more tasks of one batched pass. ``in_groups``: whole tasks at a time, at most ``images_per_late_pass``
+        images (of one state) per pass where that is set (at least one task), as the first pass's later blocks ran."""
         per_pass = self.images_per_late_pass or default_images_per_pass(pixel_values.shape[-1], pixel_values.device,
                                                                         late=True)
         if not in_groups or per_pass is None:
-            with self.tuner.task_deltas(state, sizes), skip_prefix(prefix, prefix_output, pixel_values.shape[0]):
-                return embed(self.backbone, pixel_values)
+            return self._joint_pass(pixel_values, states, sizes, prefix, prefix_output)
         features, first, start = [], 0, 0
         while first < len(sizes):
             last = first + 1
@@ -415,11 +417,21 @@ class HyperFlowAdapter:
                 last += 1
             stop = start + sum(sizes[first:last])
             kept = None if prefix_output is None else image_range(prefix_output, start, stop, pixel_values.shape[0])
-            with self.tuner.task_deltas(state.select(slice(first, last)), sizes[first:last]), \
-                    skip_prefix(prefix, kept, stop - start):
-                features.append(embed(self.backbone, pixel_values[start:stop]))
+            features.append(self._joint_pass(pixel_values[start:stop], [s.select(slice(first, last)) for s in states],
+                                             sizes[first:last], prefix, kept))
             first, start = last, stop
-        return torch.cat(features)
+        return [torch.cat(parts) for parts in zip(*features, strict=True)]
+
+    def _joint_pass(self, pixel_values: torch.Tensor, states: list[TaskState], sizes: list[int],
+                    prefix: FrozenPrefix | None, prefix_output) -> list[torch.Tensor]:
+        """One pass of the same images (``Tensor[N, 3, H, W]``, tasks of ``sizes``) with each of ``states``:
+        ``[Tensor[N, D]]`` per state."""
+        count = len(states)
+        images = pixel_values if count == 1 else pixel_values.repeat(count, 1, 1, 1)
+        kept = prefix_output if count == 1 or prefix_output is None else cat_leaves([prefix_output] * count)
+        state = states[0] if count == 1 else TaskState.cat(states)
+        with self.tuner.task_deltas(state, sizes * count), skip_prefix(prefix, kept, images.shape[0]):
+            return list(embed(self.backbone, images).chunk(count))
 
     def _whole_pass(self, pixel_values: torch.Tensor, prefix: FrozenPrefix | None):
         """``(features, prefix, its output)`` of one forward pass; the last two None without a cacheable prefix."""

@@ -193,3 +193,35 @@ def test_stopping_argument_is_checked():
         adapter.adapt(images, labels, stopping="early")
     with pytest.raises(ValueError, match=r"cannot be combined with stopping='fixed'"):
         adapter.adapt(images, labels, steps="auto", stopping="fixed")
+
+
+@pytest.mark.parametrize("first_adapted_block", [-1, None], ids=["frozen prefix", "all blocks adapted"])
+def test_auto_matches_the_rule_by_brute_force(first_adapted_block):
+    """The adapter passes the later candidate points together, reusing the first pass; the rule computed by
+    brute force (each point's support through the whole backbone with that point's delta) picks the same point
+    and the same prototypes."""
+    from hf_hyperflow.backbones import embed
+    from hf_hyperflow.heads import class_prototypes
+
+    adapter = make_adapter("vit", 0.5, points=3, first_adapted_block=first_adapted_block)
+    drift, picked = adapter.drift, set()
+    for seed in range(8):
+        images, labels = episode(seed)
+        with torch.no_grad():
+            features, statistics, _, _ = adapter._first_pass(images, labels, [9], [3])
+            path = drift.integrate(drift.encode_tasks(features, labels, [9], [3], statistics), 4, return_path=True)
+            losses, prototypes = [], []
+            for k in candidate_steps(4, 3):
+                with adapter.tuner.task_deltas(path[k], [9]):
+                    features = embed(adapter.backbone, images)
+                head = path[k]["head.prototypes:"][0, :3]
+                losses.append(leave_one_out_loss(features, labels, 3, head, drift.logit_scale, drift.logit_bias))
+                prototypes.append(class_prototypes(features, labels, 3) + head)
+        best = choose_point(losses)
+        task = adapter.adapt(images, labels, steps="auto")
+        picked.add(best)
+        assert task.integration_time == best / 2
+        scale = float(prototypes[best].abs().max())
+        torch.testing.assert_close(task.prototypes, prototypes[best], rtol=0,
+                                   atol=256 * torch.finfo(torch.float32).eps * scale)
+    assert len(picked) >= 2
