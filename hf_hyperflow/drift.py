@@ -306,11 +306,10 @@ class DriftNet(nn.Module):
         path = integrate(flow, flow.start(), steps, method=method, t0=t0, t1=t1, return_path=return_path)
         if not return_path:
             return flow.state(path)
-        if path_steps is None:
-            return [flow.state(p) for p in path]
+        path_steps = range(len(path)) if path_steps is None else path_steps
         if any(not 0 <= k <= steps for k in path_steps):
             raise ValueError(f"path_steps must lie in 0..{steps}, got {list(path_steps)}.")
-        return [flow.state(path[k]) for k in path_steps]
+        return [state0 if k == 0 else flow.state(path[k]) for k in path_steps]  # step 0 is state0 itself
 
     # -- pieces shared by forward() and the reduced flow ------------------------------------------
     def _time_embedding(self, t: float | torch.Tensor, encoding: TaskEncoding) -> torch.Tensor:
