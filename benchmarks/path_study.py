@@ -29,7 +29,8 @@ from benchmarks.validation import validation_domains  # noqa: E402
 
 
 def path_record(adapter, support, labels, query, query_labels, steps: int | None = None) -> dict:
-    """``{"loss": [K+1 floats or None], "accuracy": [K+1 floats]}`` at every step k = 0..K of one task's path
+    """``{"loss": [K+1 floats or None], "loo_accuracy": [the same], "accuracy": [K+1 floats]}``: the support's
+    leave-one-out loss and accuracy, and the query accuracy, at every step k = 0..K of one task's path
     (``support: Tensor[S, 3, H, W]``, ``labels: LongTensor[S]``, ``query: Tensor[Q, 3, H, W]``; K = ``steps``,
     default the adapter's)."""
     import torch
@@ -38,7 +39,7 @@ def path_record(adapter, support, labels, query, query_labels, steps: int | None
     from hf_hyperflow.heads import class_prototypes
     from hf_hyperflow.prefix import skip_prefix
     from hf_hyperflow.state import HEAD_KEY
-    from hf_hyperflow.stopping import leave_one_out_loss
+    from hf_hyperflow.stopping import leave_one_out_logits
 
     drift, steps = adapter.drift, steps or adapter.config.steps
     sizes, classes = [labels.shape[0]], int(labels.max()) + 1
@@ -49,7 +50,7 @@ def path_record(adapter, support, labels, query, query_labels, steps: int | None
         # the queries' frozen prefix runs once (a backbone without a cacheable prefix runs whole every time)
         query0, query_output = prefix.embed_and_keep(query) if prefix is not None else (
             embed(adapter.backbone, query), None)
-        losses, accuracies = [], []
+        losses, hits, accuracies = [], [], []
         for k, state in enumerate(path):
             if k == 0:
                 features, query_features = features0, query0
@@ -59,14 +60,15 @@ def path_record(adapter, support, labels, query, query_labels, steps: int | None
                         skip_prefix(prefix, query_output, query.shape[0]):
                     query_features = embed(adapter.backbone, query)
             head = state[HEAD_KEY][0, :classes] if HEAD_KEY in state else None
-            loss = leave_one_out_loss(features, labels, classes, head, drift.logit_scale, drift.logit_bias)
+            judged = leave_one_out_logits(features, labels, classes, head, drift.logit_scale, drift.logit_bias)
             prototypes = class_prototypes(features, labels, classes)
             if head is not None:
                 prototypes = prototypes + head
             predicted = drift.logits(query_features, prototypes).argmax(-1).cpu()
-            losses.append(None if loss is None else float(loss))
+            losses.append(None if judged is None else float(torch.nn.functional.cross_entropy(*judged)))
+            hits.append(None if judged is None else float((judged[0].argmax(-1) == judged[1]).float().mean()))
             accuracies.append(float((predicted == query_labels.cpu()).float().mean()))
-    return {"loss": losses, "accuracy": accuracies}
+    return {"loss": losses, "loo_accuracy": hits, "accuracy": accuracies}
 
 
 def record_source(adapter, name: str, dataset, sampler_kwargs: dict, episodes: int, seed: int, output: Path,
@@ -93,17 +95,21 @@ def record_source(adapter, name: str, dataset, sampler_kwargs: dict, episodes: i
     return path
 
 
-def choose(losses: list, rule: dict) -> tuple[int, int]:
-    """``(step the rule picks, adapted support passes it needed)`` for one task's leave-one-out ``losses``.
+def choose(record: dict, rule: dict) -> tuple[int, int]:
+    """``(step the rule picks, adapted support passes it needed)`` for one task's path ``record``.
 
     Among the rule's ``points`` (step indices, 0 first), the smallest loss after adding ``margin`` (plus
     ``relative`` times the loss at 0) to every point but 0, the earliest on ties; the last point when the task
     cannot be judged (loss None). A ``lazy`` rule judges the end of the path first and the points between only
     when the end's loss is not below ``1 - accept`` times the loss at 0.
     """
-    points = rule["points"]
+    points, losses = rule["points"], record["loss"]
     if losses[0] is None or rule["end"]:
         return points[-1], 1
+    if rule["by_accuracy"]:  # the highest leave-one-out accuracy; ties to the lower loss, or to the earlier point
+        hits = record["loo_accuracy"]
+        return min(points, key=lambda k: (-hits[k], 0.0 if rule["by_accuracy"] == "earliest" else losses[k], k)), \
+            len(points) - 1
 
     def penalised(k: int) -> float:
         return losses[k] + (rule["margin"] + rule["relative"] * losses[0] if k else 0.0) + \
@@ -126,8 +132,8 @@ def score_rules(records: dict[str, list[dict]], rules: list[dict], versus: dict 
     for rule in rules:
         cells, means, passes = [], [], []
         for name in names:
-            picks = [(r, *choose(r["loss"], rule)) for r in records[name]]
-            gains = [100.0 * (r["accuracy"][k] - r["accuracy"][choose(r["loss"], versus)[0] if versus else 0])
+            picks = [(r, *choose(r, rule)) for r in records[name]]
+            gains = [100.0 * (r["accuracy"][k] - r["accuracy"][choose(r, versus)[0] if versus else 0])
                      for r, k, _ in picks]
             passes.extend(n for _, _, n in picks)
             mean, half = mean_confidence_interval(gains)
@@ -143,13 +149,16 @@ def parse_rule(text: str) -> dict:
 
     ``"0,4,8@0.05"``: candidate steps, absolute margin; ``"0,4,8%0.1"``: a margin of 10% of the loss at 0;
     ``"0,4,8^0.1"``: a margin of 10% of the loss at 0 times the point's time t; a ``lazy:`` prefix judges the end
-    first (``lazy:0,4,8~0.2``: accepted outright when 20% below the loss at 0); ``"end"``: fixed steps, always the
-    end of the path.
+    first (``lazy:0,4,8~0.2``: accepted outright when 20% below the loss at 0); ``acc:0,4,8``: the highest
+    leave-one-out accuracy, ties to the lower loss (``acce:``: to the earlier point); ``"end"``: fixed steps, always
+    the end of the path.
     """
     if text == "end":  # fixed steps: always the end of the path
         return {"text": text, "points": [0, -1], "margin": 0.0, "relative": 0.0, "lazy": False, "accept": 0.0, "per_time": 0.0,
-                "end": True}
-    body, lazy = (text[5:], True) if text.startswith("lazy:") else (text, False)
+                "end": True, "by_accuracy": None}
+    by_accuracy = {"acc:": "loss", "acce:": "earliest"}.get(text[: text.find(":") + 1]) if ":" in text else None
+    body = text.split(":", 1)[1] if by_accuracy else text
+    body, lazy = (body[5:], True) if body.startswith("lazy:") else (body, False)
     margin = relative = accept = per_time = 0.0
     if "^" in body:
         body, value = body.split("^")
@@ -167,7 +176,7 @@ def parse_rule(text: str) -> dict:
     if not steps or steps[0] != 0:
         raise ValueError(f"a rule's points must include 0 (direct transfer), got {text!r}.")
     return {"text": text, "points": steps, "margin": margin, "relative": relative, "lazy": lazy, "accept": accept,
-            "per_time": per_time, "end": False}
+            "per_time": per_time, "end": False, "by_accuracy": by_accuracy}
 
 
 def main(argv: list[str] | None = None) -> None:

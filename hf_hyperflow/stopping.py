@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .heads import prototype_logits
 
-__all__ = ["any_task_judged", "candidate_steps", "choose_point", "leave_one_out_loss"]
+__all__ = ["any_task_judged", "candidate_steps", "choose_point", "leave_one_out_logits", "leave_one_out_loss"]
 
 
 def candidate_steps(steps: int, points: int) -> list[int]:
@@ -32,10 +32,10 @@ def candidate_steps(steps: int, points: int) -> list[int]:
     return sorted({round(i * steps / (points - 1)) for i in range(points)})
 
 
-def leave_one_out_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                       head_shift: torch.Tensor | None, scale: torch.Tensor | float,
-                       bias: torch.Tensor | float) -> torch.Tensor | None:
-    """Mean cross-entropy of each support image against the prototypes of the others.
+def leave_one_out_logits(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         head_shift: torch.Tensor | None, scale: torch.Tensor | float,
+                         bias: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Logits of each support image against the prototypes of the others.
 
     The prototype of an image's own class is the mean of the other images of that class; the other classes'
     prototypes are their full means; ``head_shift`` (if any) is added to every prototype, as the adapted
@@ -49,7 +49,8 @@ def leave_one_out_loss(features: torch.Tensor, labels: torch.Tensor, num_classes
         scale, bias: the cosine classifier's scale and bias.
 
     Returns:
-        A 0-d tensor, or None when no class has two or more support images.
+        ``(logits Tensor[S', C], labels LongTensor[S'])`` of the S' images whose class has two or more support
+        images, or None when no class has.
     """
     features = features.float()
     counts = torch.bincount(labels, minlength=num_classes).to(features.dtype)  # [C]
@@ -64,8 +65,16 @@ def leave_one_out_loss(features: torch.Tensor, labels: torch.Tensor, num_classes
     prototypes[rows, labels] = (sums[labels] - features) / (counts[labels, None] - 1)
     if head_shift is not None:
         prototypes = prototypes + head_shift.float()[None]
-    logits = prototype_logits(features[:, None], prototypes, scale, bias)[:, 0]  # [S', C]
-    return F.cross_entropy(logits, labels)
+    return prototype_logits(features[:, None], prototypes, scale, bias)[:, 0], labels
+
+
+def leave_one_out_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                       head_shift: torch.Tensor | None, scale: torch.Tensor | float,
+                       bias: torch.Tensor | float) -> torch.Tensor | None:
+    """Mean cross-entropy of :func:`leave_one_out_logits` (same arguments): a 0-d tensor, or None when no class
+    has two or more support images."""
+    judged = leave_one_out_logits(features, labels, num_classes, head_shift, scale, bias)
+    return None if judged is None else F.cross_entropy(*judged)
 
 
 def any_task_judged(labels: torch.Tensor, sizes: list[int]) -> bool:
