@@ -131,15 +131,15 @@ def test_path_study(setting):
     records = [json.loads(line) for line in (output / "glyphs_default.jsonl").read_text().splitlines()]
     config = json.loads((setting["run"] / "training" / "best" / "adapter_config.json").read_text())
     assert [r["episode"] for r in records] == [0, 1, 2]
-    assert all(len(r["loss"]) == len(r["accuracy"]) == config["steps"] + 1 for r in records)
+    assert all(len(r["loss"]) == len(r["loo_accuracy"]) == len(r["accuracy"]) == config["steps"] + 1 for r in records)
     run("validation.py", "--adapter", setting["run"] / "training" / "best", "--backbone",
         setting["run"] / "efficientnet-lite0", "--source", source, "--methods", "dt", "--episodes", 3,
         "--output", setting["root"] / "path_study_dt")
     dt = json.loads((setting["root"] / "path_study_dt" / "results.json").read_text())
     mean_dt = dt["results"]["glyphs_default (validation)"]["dt"]["accuracy"]
     assert abs(100 * sum(r["accuracy"][0] for r in records) / 3 - mean_dt) < 1e-3
-    table = run("path_study.py", *common, "--rules", "end", "0,1", "lazy:0,1~0.2")
-    assert "| end |" in table and "| lazy:0,1~0.2 |" in table
+    table = run("path_study.py", *common, "--rules", "end", "0,1", "lazy:0,1~0.2", "acc:0,1")
+    assert "| end |" in table and "| lazy:0,1~0.2 |" in table and "| acc:0,1 |" in table
 
 
 def test_compact_results(setting):
