@@ -22,6 +22,7 @@ own time), measured in a separate, profiled run of the first episodes.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import statistics
@@ -126,8 +127,12 @@ def measure_peak_memory(fn: Callable[[], object]) -> int:
     # Every allocation and free with its own time (an operator's self memory would date the frees that happen
     # between operators inside a record_function range at the start of that range).
     changes = sorted(_cpu_allocations(profiler.profiler.kineto_results.experimental_event_tree()))
-    running = itertools.accumulate(size for _, size in changes)
-    return int(max(0, max(running, default=0)))
+    peak = int(max(0, max(itertools.accumulate(size for _, size in changes), default=0)))
+    # The profiler's results hold reference cycles: left to the next automatic collection, the events of a long
+    # fn (seconds of fine-tuning: gigabytes) stay alive, and repeated measurements pile them up.
+    del profiler, changes
+    gc.collect()
+    return peak
 
 
 def _cpu_allocations(nodes) -> list[tuple[int, int]]:
