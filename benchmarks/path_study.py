@@ -153,30 +153,21 @@ def parse_rule(text: str) -> dict:
     leave-one-out accuracy, ties to the lower loss (``acce:``: to the earlier point); ``"end"``: fixed steps, always
     the end of the path.
     """
-    if text == "end":  # fixed steps: always the end of the path
-        return {"text": text, "points": [0, -1], "margin": 0.0, "relative": 0.0, "lazy": False, "accept": 0.0, "per_time": 0.0,
-                "end": True, "by_accuracy": None}
-    by_accuracy = {"acc:": "loss", "acce:": "earliest"}.get(text[: text.find(":") + 1]) if ":" in text else None
-    body = text.split(":", 1)[1] if by_accuracy else text
-    body, lazy = (body[5:], True) if body.startswith("lazy:") else (body, False)
-    margin = relative = accept = per_time = 0.0
-    if "^" in body:
-        body, value = body.split("^")
-        per_time = float(value)
-    if "~" in body:
-        body, value = body.split("~")
-        accept = float(value)
-    if "@" in body:
-        body, value = body.split("@")
-        margin = float(value)
-    elif "%" in body:
-        body, value = body.split("%")
-        relative = float(value)
-    steps = sorted({int(p) for p in body.split(",")})
-    if not steps or steps[0] != 0:
+    rule = {"text": text, "points": [0, -1], "margin": 0.0, "relative": 0.0, "lazy": False, "accept": 0.0,
+            "per_time": 0.0, "end": text == "end", "by_accuracy": None}
+    if rule["end"]:  # fixed steps: always the end of the path
+        return rule
+    rule["by_accuracy"] = {"acc:": "loss", "acce:": "earliest"}.get(text[: text.find(":") + 1]) if ":" in text else None
+    body = text.split(":", 1)[1] if rule["by_accuracy"] else text
+    body, rule["lazy"] = (body[5:], True) if body.startswith("lazy:") else (body, False)
+    for marker, key in (("^", "per_time"), ("~", "accept"), ("@", "margin"), ("%", "relative")):
+        if marker in body:
+            body, value = body.split(marker)
+            rule[key] = float(value)
+    rule["points"] = sorted({int(p) for p in body.split(",")})
+    if rule["points"][0] != 0:
         raise ValueError(f"a rule's points must include 0 (direct transfer), got {text!r}.")
-    return {"text": text, "points": steps, "margin": margin, "relative": relative, "lazy": lazy, "accept": accept,
-            "per_time": per_time, "end": False, "by_accuracy": by_accuracy}
+    return rule
 
 
 def main(argv: list[str] | None = None) -> None:

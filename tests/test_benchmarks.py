@@ -100,7 +100,6 @@ def test_benchmark(setting):
         results["results"]["digits (out of domain)"])
     assert "## Targets" in (output / "RESULTS.md").read_text()
     run("benchmark.py", "--render-only", "--output", output)
-    # --ft-lr: one lr, or one per fine-tuning method
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     # --jobs: the domains shared among worker processes, merged in the same order, the same episodes and accuracies
     two = setting["root"] / "benchmark_jobs"
@@ -118,6 +117,7 @@ def test_benchmark(setting):
 
     assert _shares(["a=a:g", "b=b:g:1:3"], ["digits"], 2) == [(["a=a:g", "b=b:g:1:3"], []), ([], ["digits"])]
     assert _shares(["a=a:g"], ["digits"], 1) == [(["a=a:g"], ["digits"])]
+    # --ft-lr: one lr, or one per fine-tuning method
     assert parse_ft_lr("0.01") == 0.01
     assert parse_ft_lr("ft-lora+shift=0.01,ft-full=1e-4") == {"ft-lora+shift": 0.01, "ft-full": 1e-4}
     for bad in ("ft-full", "ft-full=fast", "a=1=2"):
