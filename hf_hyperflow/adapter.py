@@ -405,10 +405,14 @@ class HyperFlowAdapter:
         """``[Tensor[N, D]]``, one per state of ``states`` (e.g. points of a path): the support through the backbone
         with every task's delta, the frozen prefix skipped (its output reused). The states' passes run together,
         as more tasks of one batched pass. ``in_groups``: whole tasks at a time, at most ``images_per_late_pass``
-        images (of one state) per pass where that is set (at least one task), as the first pass's later blocks ran."""
+        images (of one state) per pass where that is set (at least one task), as the first pass's later blocks ran.
+        Without ``in_groups`` the caller's context holds the frozen prefix's output for these N images only, so
+        each state has a pass of its own."""
+        if not in_groups:
+            return [self._joint_pass(pixel_values, [state], sizes, prefix, prefix_output)[0] for state in states]
         per_pass = self.images_per_late_pass or default_images_per_pass(pixel_values.shape[-1], pixel_values.device,
                                                                         late=True)
-        if not in_groups or per_pass is None:
+        if per_pass is None:
             return self._joint_pass(pixel_values, states, sizes, prefix, prefix_output)
         features, first, start = [], 0, 0
         while first < len(sizes):

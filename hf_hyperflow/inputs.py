@@ -20,7 +20,7 @@ from torch import nn
 
 from .io import read_json_checked
 
-__all__ = ["encode_labels", "default_image_processor", "to_pixel_values", "check_images", "to_rgb", "check_pair",
+__all__ = ["encode_labels", "default_image_processor", "to_pixel_values", "check_images", "to_rgb", "without_colour", "check_pair",
            "processor_size", "PixelTransform", "PIXEL_LIMIT", "PROCESSOR_FILE", "load_image_processor"]
 
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -299,6 +299,12 @@ def _eight_bit_values(image: Image.Image, where: str) -> np.ndarray:
         raise ValueError(f"{where} (mode {image.mode!r}) holds values within [0, 1]: on the 8-bit scale 0..255 that "
                          f"is an almost black image; if it holds data scaled to [0, 1], convert it first ({recipe}).")
     return np.round(values).astype(np.uint8)
+
+
+def without_colour(images: list[Image.Image]) -> list[Image.Image]:
+    """The images in grey: each pixel's luma (ITU-R 601, PIL's ``convert("L")``) in all three RGB channels,
+    transparency composited onto white first (:func:`to_rgb`)."""
+    return [to_rgb(image, f"image {i}").convert("L").convert("RGB") for i, image in enumerate(images)]
 
 
 def to_rgb(image: Image.Image, where: str = "the image") -> Image.Image:

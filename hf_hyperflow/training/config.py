@@ -176,6 +176,10 @@ class DatasetSection:
     image_column: str | None = option("Image column (default: the only Image one).")
     label_column: str | None = option("Label column (default: detected).")
     weight: float = option("Relative frequency of this dataset's training episodes.", 1.0)
+    without_colour: bool = option("Show this dataset's images in grey (training and validation episodes): the same "
+                                  "classes without their colours, so that the drift does not learn colour as a sign "
+                                  "of the domain. List the source twice (in colour and in grey) under distinct "
+                                  "`name`s to train on both.", False)
     episodes: EpisodeShape | None = option("This dataset's own protocol / ways / shots / queries, replacing those of "
                                           "the episodes section (e.g. {shots: 1, queries: 3} for a dataset with 4 "
                                           "images per class).")

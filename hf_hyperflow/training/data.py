@@ -9,6 +9,7 @@ an uninterrupted run would have used.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from ..episodes import ClassSplit, EpisodeSampler, LabelIndex, load_image_dataset, resolve_label_column
+from ..inputs import without_colour
 from ..prefix import PrefixCache
 from .config import DatasetSection, TrainConfig, dataset_name, episode_shape
 from .losses import UnrolledInputs
@@ -169,9 +171,16 @@ def prepare_sources(config: TrainConfig, accelerator, output_dir: Path,
     return sources
 
 
+def _grey_then(transform, images):
+    images = without_colour(images)
+    return images if transform is None else transform(images)
+
+
 def make_sampler(source: Source, config: TrainConfig, split: str, seed: int, num_episodes: int, transform, key: str,
              rank: int = 0, world_size: int = 1):
     shape = episode_shape(config, source.entry)
+    if source.entry.without_colour:
+        transform = functools.partial(_grey_then, transform)
     try:
         return EpisodeSampler(source.dataset, **shape, seed=seed, split=split, class_split=source.class_split,
                               image_column=source.entry.image_column, label_column=source.label_column,
@@ -186,7 +195,7 @@ def make_sampler(source: Source, config: TrainConfig, split: str, seed: int, num
 # ------------------------------------------------------------------------------------------------
 def row_key(entry: DatasetSection) -> str:
     """What identifies the rows of a dataset in the prefix cache (the same source sliced the same way)."""
-    return f"{entry.source}|{entry.hub_split}|{entry.max_classes}"
+    return f"{entry.source}|{entry.hub_split}|{entry.max_classes}" + ("|grey" if entry.without_colour else "")
 
 
 @dataclass

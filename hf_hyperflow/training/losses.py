@@ -198,7 +198,7 @@ def _cat_statistics(per_task: Sequence[dict] | None) -> dict | None:
 
 def episode_logits(adapter, inputs: UnrolledInputs, prefix: FrozenPrefix | None = None, *,
                    direct_transfer: bool = False, steps: int | None = None,
-                   integrator: str | None = None) -> list[torch.Tensor]:
+                   integrator: str | None = None, stopping: str | None = None) -> list[torch.Tensor]:
     """The unrolled forward pass of T episodes: adapt to each support set (``steps`` of ``integrator``, or direct
     transfer at theta_0), then classify the query images. One ``Tensor[Q_i, C_i]`` of logits per episode,
     differentiable w.r.t. the drift network when grad is on.
@@ -206,6 +206,8 @@ def episode_logits(adapter, inputs: UnrolledInputs, prefix: FrozenPrefix | None 
     Args:
         prefix: the frozen prefix the inputs' ``support_prefix`` / ``query_prefix`` outputs belong to (the
             backbone skips those blocks); None: the blocks run.
+        stopping: where each task's path ends (see :meth:`HyperFlowAdapter.adapt_batch`): ``"fixed"`` (t = 1, the
+            meta-training loss), ``"auto"``, or None for the adapter's own rule (what a user gets: validation).
     """
     with skip_prefix(prefix, inputs.support_prefix, inputs.support.shape[0]):
         if direct_transfer:
@@ -215,7 +217,7 @@ def episode_logits(adapter, inputs: UnrolledInputs, prefix: FrozenPrefix | None 
             features0, statistics = adapter.task_inputs(inputs.support, inputs.support_labels, inputs.support_sizes,
                                                         inputs.num_classes)
             batch = adapter.adapt_batch(inputs.support, inputs.support_labels, inputs.support_sizes,
-                                        inputs.num_classes, steps=steps, integrator=integrator,
+                                        inputs.num_classes, steps=steps, integrator=integrator, stopping=stopping,
                                         task_features=features0, module_statistics=statistics)
     with skip_prefix(prefix, inputs.query_prefix, inputs.query.shape[0]):
         return adapter.query_logits(batch, inputs.query, inputs.query_sizes)
@@ -251,7 +253,10 @@ class DriftObjective(nn.Module):
 
     def unrolled_loss(self, inputs: UnrolledInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean query cross-entropy over the episodes and the query accuracy (0-d tensors)."""
-        logits = episode_logits(self.adapter, inputs, self.prefix, steps=self.steps, integrator=self.integrator)
+        # The loss is the query loss at the end of the path: the stopping rule chooses among its points at
+        # inference and would pass no gradient to the tasks it stops at t = 0.
+        logits = episode_logits(self.adapter, inputs, self.prefix, steps=self.steps, integrator=self.integrator,
+                                stopping="fixed")
         losses, correct = [], 0
         for task_logits, labels in zip(logits, inputs.query_labels.split(inputs.query_sizes), strict=True):
             losses.append(F.cross_entropy(task_logits.float(), labels))
