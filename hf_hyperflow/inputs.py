@@ -304,6 +304,9 @@ def _eight_bit_values(image: Image.Image, where: str) -> np.ndarray:
 def without_colour(images: list[Image.Image]) -> list[Image.Image]:
     """The images in grey: each pixel's luma (ITU-R 601, PIL's ``convert("L")``) in all three RGB channels,
     transparency composited onto white first (:func:`to_rgb`)."""
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image {i} is a {type(image).__name__}: without_colour takes PIL images.")
     return [to_rgb(image, f"image {i}").convert("L").convert("RGB") for i, image in enumerate(images)]
 
 

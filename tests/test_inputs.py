@@ -9,7 +9,7 @@ from conftest import IMAGE_SIZE, make_backbone, transformers_notices
 from conftest import random_pixels as pixels
 from PIL import Image
 
-from hf_hyperflow.inputs import encode_labels
+from hf_hyperflow.inputs import encode_labels, without_colour
 
 
 def test_labels_strings_and_predictions_of_the_same_kind(adapter):
@@ -74,6 +74,21 @@ def test_grayscale_rgba_and_palette_images_are_converted(adapter):
         assert task.logits(images).shape == (4, 2)
     # RGBA of an opaque RGB image is the same image
     torch.testing.assert_close(adapter.adapt(rgba, labels).logits(rgb), adapter.adapt(rgb, labels).logits(rgb))
+
+
+def test_images_without_colour_keep_their_luma_in_every_channel():
+    colours = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [10, 200, 90]]], dtype=np.uint8)
+    rgb = Image.fromarray(colours)
+    transparent = Image.new("RGBA", (2, 2), (0, 0, 0, 0))  # composited onto white first, as the processors read it
+    grey_rgb, grey_transparent = without_colour([rgb, transparent])
+    values = np.asarray(grey_rgb)
+    assert grey_rgb.mode == "RGB" and (values == values[..., :1]).all()
+    # ITU-R 601 luma, L = (299 R + 587 G + 114 B) / 1000, rounded by PIL
+    expected = np.rint(colours.astype(float) @ [0.299, 0.587, 0.114])
+    np.testing.assert_allclose(values[..., 0], expected, atol=1)
+    assert (np.asarray(grey_transparent) == 255).all()
+    with pytest.raises(TypeError, match="image 0"):
+        without_colour([np.zeros((2, 2, 3))])
 
 
 def test_the_backbones_own_processor_is_read_without_a_backend_notice(tmp_path):

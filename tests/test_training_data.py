@@ -62,3 +62,26 @@ def test_classes_too_small_for_the_episodes_can_be_left_out(synthetic_dataset, t
     assert result.step == 1
     with pytest.raises(ValueError, match=r"datasets\[0\].min_images_per_class must be an integer >= 1, got 0"):
         config_from_dict(tiny_train_config(tmp_path / "zero", small, **run, **{"datasets.0.min_images_per_class": 0}))
+
+
+def test_a_dataset_shown_without_colour_has_grey_episodes_and_its_own_cache_rows(synthetic_dataset):
+    import numpy as np
+    from conftest import tiny_train_config
+
+    from hf_hyperflow.training import DatasetSection, config_from_dict
+    from hf_hyperflow.training.data import Source, _class_split, load_source, make_sampler, row_key
+
+    config = config_from_dict(tiny_train_config("unused", synthetic_dataset))
+    samplers = {}
+    for grey in (False, True):
+        entry = DatasetSection(source=synthetic_dataset, without_colour=grey, class_split={"seed": 0})
+        dataset, label_column = load_source(entry, "entry")
+        source = Source("s", entry, dataset, label_column, _class_split(entry, dataset, label_column, "entry"))
+        samplers[grey] = make_sampler(source, config, "train", seed=3, num_episodes=2, transform=None, key="entry")
+    colour, grey = samplers[False][1], samplers[True][1]
+    assert colour.support_indices == grey.support_indices  # the same episodes, only the pixels differ
+    for c, g in zip(colour.support_images + colour.query_images, grey.support_images + grey.query_images, strict=True):
+        values = np.asarray(g, dtype=np.int16)
+        assert (values == values[..., :1]).all()
+        assert np.abs(values[..., 0] - np.asarray(c.convert("L"), dtype=np.int16)).max() == 0
+    assert row_key(DatasetSection(source="x", without_colour=True)) != row_key(DatasetSection(source="x"))

@@ -168,3 +168,30 @@ def test_smoke_config_on_two_processes_through_accelerate_launch(tmp_path):
     weights_two = load_file(str(tmp_path / "two" / "final" / "adapter_model.safetensors"))
     for key in weights_one:
         torch.testing.assert_close(weights_two[key], weights_one[key], rtol=1e-3, atol=1e-5)
+
+
+def test_the_loss_ends_the_path_whatever_the_stopping_rule(tmp_path, synthetic_dataset, monkeypatch):
+    """The stopping rule chooses at inference: meta-training's loss is the query loss at t = 1 under either rule,
+    and validation adapts with the adapter's own rule over the cached frozen prefix (a colour and a grey copy)."""
+    from hf_hyperflow import HyperFlowAdapter
+
+    calls = []
+    adapt_batch = HyperFlowAdapter.adapt_batch
+
+    def recorded(self, *args, stopping=None, **kwargs):
+        calls.append((torch.is_grad_enabled(), stopping or self.config.stopping))
+        return adapt_batch(self, *args, stopping=stopping, **kwargs)
+
+    monkeypatch.setattr(HyperFlowAdapter, "adapt_batch", recorded)
+    data = tiny_train_config(tmp_path / "run", synthetic_dataset, **{
+        "losses.flow": 0.0, "flow.generate": None, "training.max_steps": 2, "validation.every": 2,
+        "adapter.stopping": "auto",
+        "datasets": [{"source": synthetic_dataset, "name": "colour", "class_split": {"fractions": [0.6, 0.4, 0.0]}},
+                     {"source": synthetic_dataset, "name": "grey", "without_colour": True,
+                      "class_split": {"fractions": [0.6, 0.4, 0.0]}}]})
+    metrics = train(config_from_dict(data)).metrics
+    assert {rule for grad, rule in calls if grad} == {"fixed"}  # the loss: every training step
+    assert {rule for grad, rule in calls if not grad} == {"auto"}  # validation: what a user gets
+    last = metrics["validations"][-1]
+    assert last["colour"]["episodes"] == last["grey"]["episodes"] == 4
+    assert metrics["prefix_cache"]["hits"] > 0
