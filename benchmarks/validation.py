@@ -8,7 +8,8 @@ every method choice (architecture, losses, steps, stopping) is made on.
 A source is ``NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]`` (5-way; default 5 shots, 15 queries). Its class split is
 ``<class-splits>/<NAME>.json`` when that file exists (the run's own), else ``ClassSplit.from_dataset(dataset,
 group_column=GROUP_COLUMN, seed=0)``. Every method runs on the same seeded episodes; results.json / results.md
-in ``--output`` carry the paired gains over dt.
+in ``--output`` carry the paired gains over dt. ``--without-colour NAME`` shows a source's images in grey (a
+second ``--source`` of the same folder under another name gives both).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
@@ -25,9 +27,16 @@ if __package__ in (None, ""):
 from benchmarks.teacher_study import parse_source  # noqa: E402
 
 
-def validation_domains(sources: list[dict], class_splits: Path | None) -> dict[str, tuple]:
-    """``name -> (dataset, sampler kwargs)`` of the sources' validation classes."""
+def validation_domains(sources: list[dict], class_splits: Path | None,
+                       without_colour: Sequence[str] = ()) -> dict[str, tuple]:
+    """``name -> (dataset, sampler kwargs)`` of the sources' validation classes; the sources named in
+    ``without_colour`` are shown in grey (as a training config's ``without_colour`` shows them)."""
     from hf_hyperflow.episodes import ClassSplit, load_image_dataset
+    from hf_hyperflow.inputs import without_colour as grey_images
+
+    unknown = set(without_colour) - {source["name"] for source in sources}
+    if unknown:
+        raise SystemExit(f"error: --without-colour names no --source: {sorted(unknown)}")
 
     domains = {}
     for source in sources:
@@ -35,9 +44,11 @@ def validation_domains(sources: list[dict], class_splits: Path | None) -> dict[s
         saved = class_splits / f"{source['name']}.json" if class_splits else None
         split = (ClassSplit.load(saved) if saved is not None and saved.is_file()
                  else ClassSplit.from_dataset(dataset, group_column=source["group_column"], seed=0))
-        domains[f"{source['name']} (validation)"] = (dataset, {
-            "protocol": "fixed", "ways": 5, "shots": source["shots"], "queries": source["queries"],
-            "split": "validation", "class_split": split})
+        kwargs = {"protocol": "fixed", "ways": 5, "shots": source["shots"], "queries": source["queries"],
+                  "split": "validation", "class_split": split}
+        if source["name"] in without_colour:
+            kwargs["image_transform"] = grey_images
+        domains[f"{source['name']} (validation)"] = (dataset, kwargs)
     return domains
 
 
@@ -47,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--class-splits", type=Path, default=None, help="folder of <name>.json class splits")
     parser.add_argument("--source", action="append", required=True, help="NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]")
+    parser.add_argument("--without-colour", action="append", default=[], metavar="NAME",
+                        help="show this source's images in grey (repeatable)")
     parser.add_argument("--methods", default="dt,hyperflow,hyperflow:auto")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -64,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             "shots": None, "queries": None, "image_size": int(adapter.config.image_size),
             "machine": machine_description(), "date": date.today().isoformat(), "split": "validation",
             "command": "python benchmarks/validation.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
-    domains = validation_domains([parse_source(s) for s in args.source], args.class_splits)
+    domains = validation_domains([parse_source(s) for s in args.source], args.class_splits, args.without_colour)
     results, _ = run_evaluation(evaluator, domains, episodes=args.episodes, meta=meta, batch_tasks=0)
     paths = write_outputs(results, args.output)
     print(paths["markdown"].read_text())

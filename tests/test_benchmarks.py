@@ -129,10 +129,16 @@ def test_validation(setting):
     output = setting["root"] / "validation"
     run("validation.py", "--adapter", setting["run"] / "training" / "best", "--backbone",
         setting["run"] / "efficientnet-lite0", "--class-splits", setting["run"] / "training" / "class_splits",
-        "--source", f"glyphs_default={setting['data'] / 'glyphs_default'}:script:2:3", "--methods",
-        "dt,hyperflow", "--episodes", 2, "--output", output)
-    rows = json.loads((output / "results.json").read_text())["results"]["glyphs_default (validation)"]
-    assert "gain_vs_dt" in rows["hyperflow"]
+        "--source", f"glyphs_default={setting['data'] / 'glyphs_default'}:script:2:3",
+        "--source", f"grey={setting['data'] / 'glyphs_default'}:script:2:3", "--without-colour", "grey",
+        "--methods", "dt,hyperflow", "--episodes", 2, "--output", output)
+    results = json.loads((output / "results.json").read_text())["results"]
+    assert "gain_vs_dt" in results["glyphs_default (validation)"]["hyperflow"]
+    assert results["grey (validation)"]["dt"]["episodes"] == 2
+    with pytest.raises(AssertionError, match="--without-colour names no --source"):
+        run("validation.py", "--adapter", setting["run"] / "training" / "best", "--source",
+            f"glyphs_default={setting['data'] / 'glyphs_default'}:script", "--without-colour", "glyphs",
+            "--output", output)
 
 
 def test_path_study(setting):
