@@ -196,10 +196,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.output.mkdir(parents=True, exist_ok=True)
     adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(args.backbone).eval(), args.adapter)
-    for source, (name, (dataset, sampler_kwargs)) in zip(sources, validation_domains(sources, None).items(),
-                                                          strict=True):
-        # classes too small for the episode's shape are left out (wesnoth_units at 5 shots)
-        sampler_kwargs = {**sampler_kwargs, "min_images_per_class": source["shots"] + source["queries"]}
+    for name, (dataset, sampler_kwargs) in validation_domains(sources, None).items():
         record_source(adapter, name, dataset, sampler_kwargs, args.episodes, args.seed, args.output, args.steps)
 
 

@@ -44,8 +44,10 @@ def validation_domains(sources: list[dict], class_splits: Path | None,
         saved = class_splits / f"{source['name']}.json" if class_splits else None
         split = (ClassSplit.load(saved) if saved is not None and saved.is_file()
                  else ClassSplit.from_dataset(dataset, group_column=source["group_column"], seed=0))
+        # classes too small for the episode's shape are left out (wesnoth_units at 5 shots)
         kwargs = {"protocol": "fixed", "ways": 5, "shots": source["shots"], "queries": source["queries"],
-                  "split": "validation", "class_split": split}
+                  "split": "validation", "class_split": split,
+                  "min_images_per_class": source["shots"] + source["queries"]}
         if source["name"] in without_colour:
             kwargs["image_transform"] = grey_images
         domains[f"{source['name']} (validation)"] = (dataset, kwargs)
