@@ -162,6 +162,25 @@ def test_path_study(setting):
     assert "| end |" in table and "| lazy:0,1~0.2 |" in table and "| acc:0,1 |" in table
 
 
+def test_paired_runs():
+    """Each run's paired gain over dt and its paired difference against the first run, per episode."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.paired_runs import paired_table
+
+    def run_of(dt, method):
+        return {"results": {"d": {}}, "details": {"d": {"per_episode_accuracy": {"dt": dt, "m": method}}}}
+
+    runs = {"first": run_of([0.5, 1.0, 0.0, 0.5], [1.0, 1.0, 0.5, 0.5]),
+            "second": run_of([0.5, 1.0, 0.0, 0.5], [0.5, 1.0, 0.0, 1.0])}
+    row = paired_table(runs, "m").splitlines()[-1]
+    # gains over dt: first (50, 0, 50, 0) -> +25.00; second (0, 0, 0, 50) -> +12.50; second minus first
+    # (-50, 0, -50, 50) -> -12.50, CI 1.96 * std / sqrt(4) = 1.96 * 41.46 / 2
+    assert row.startswith("| d | 4 | 50.00 | +25.00 ±24.50 | +12.50 ±21.22 | -12.50 ±40.63 |")
+    runs["second"]["details"]["d"]["per_episode_accuracy"]["dt"] = [0.5, 1.0, 0.0, 0.0]
+    with pytest.raises(SystemExit, match="direct transfer differs"):
+        paired_table(runs, "m")
+
+
 def test_compact_results(setting):
     path = setting["root"] / "results.json"
     shutil.copyfile(BENCHMARKS / "fewer_steps" / "held_out" / "results.json", path)
