@@ -34,10 +34,6 @@ def validation_domains(sources: list[dict], class_splits: Path | None,
     from hf_hyperflow.episodes import ClassSplit, load_image_dataset
     from hf_hyperflow.inputs import without_colour as grey_images
 
-    unknown = set(without_colour) - {source["name"] for source in sources}
-    if unknown:
-        raise SystemExit(f"error: --without-colour names no --source: {sorted(unknown)}")
-
     domains = {}
     for source in sources:
         dataset = load_image_dataset(source["path"])
@@ -67,6 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
+    sources = [parse_source(s) for s in args.source]
+    unknown = set(args.without_colour) - {source["name"] for source in sources}
+    if unknown:  # before any model or dataset is loaded
+        raise SystemExit(f"error: --without-colour names no --source: {sorted(unknown)}")
     from transformers import AutoModel
 
     from hf_hyperflow import HyperFlowAdapter
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
             "shots": None, "queries": None, "image_size": int(adapter.config.image_size),
             "machine": machine_description(), "date": date.today().isoformat(), "split": "validation",
             "command": "python benchmarks/validation.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
-    domains = validation_domains([parse_source(s) for s in args.source], args.class_splits, args.without_colour)
+    domains = validation_domains(sources, args.class_splits, args.without_colour)
     results, _ = run_evaluation(evaluator, domains, episodes=args.episodes, meta=meta, batch_tasks=0)
     paths = write_outputs(results, args.output)
     print(paths["markdown"].read_text())
