@@ -195,3 +195,29 @@ def test_the_loss_ends_the_path_whatever_the_stopping_rule(tmp_path, synthetic_d
     last = metrics["validations"][-1]
     assert last["colour"]["episodes"] == last["grey"]["episodes"] == 4
     assert metrics["prefix_cache"]["hits"] > 0
+
+
+def test_teacher_trajectories_of_a_grey_dataset_are_rebuilt_in_grey(tmp_path, synthetic_dataset):
+    """A trajectory store recorded on a dataset shown without colour says so, and the flow loss rebuilds its
+    support sets in grey (not the colour images the teacher never saw)."""
+    import numpy as np
+    from transformers import AutoModel
+
+    from hf_hyperflow import HyperFlowAdapter
+    from hf_hyperflow.training.trajectory_pool import TrajectoryPool
+
+    data = tiny_train_config(tmp_path / "run", synthetic_dataset, **{
+        "training.max_steps": 1, "validation.episodes": 0,
+        "datasets": [{"source": synthetic_dataset, "name": "grey", "without_colour": True,
+                      "class_split": {"fractions": [0.6, 0.4, 0.0]}}]})
+    config = config_from_dict(data)
+    train(config)
+    folder = tmp_path / "run" / "trajectories" / "grey"
+    assert json.loads((folder / "store.json").read_text())["dataset"]["without_colour"] is True
+    backbone = AutoModel.from_pretrained(str(tmp_path / "run" / "backbone"))
+    adapter = HyperFlowAdapter.from_pretrained(backbone, str(folder.parent / "adapter"))
+    pool = TrajectoryPool([folder], adapter, config, [], prefix=None, transform=None)
+    episode, _ = pool._episode(0, pool.stores[0][0].meta)
+    for image in episode.support_images:
+        values = np.asarray(image, dtype=np.int16)
+        assert (values == values[..., :1]).all()

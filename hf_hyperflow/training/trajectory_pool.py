@@ -19,7 +19,7 @@ from ..episodes import ClassSplit, EpisodeSampler
 from ..prefix import PrefixCache
 from ..trajectories import TrajectoryStore, record_trajectories
 from .config import DatasetSection, TrainConfig, episode_shape
-from .data import Source, load_source, make_sampler, row_key, seeds
+from .data import Source, grey_then, load_source, make_sampler, row_key, seeds
 from .losses import velocity_scales
 
 __all__ = ["TrajectoryPool", "generate_trajectories"]
@@ -103,7 +103,8 @@ class TrajectoryPool:
                 raise ValueError(f"{key}: {store.path} does not say which dataset its episodes come from (no "
                                  f"dataset.source in store.json); record it with recipes/make_trajectories.py.")
             entry = DatasetSection(source=description["source"], max_classes=description.get("max_classes"),
-                                   hub_split=description.get("hub_split") or "train")
+                                   hub_split=description.get("hub_split") or "train",
+                                   without_colour=bool(description.get("without_colour")))
             known = next((s for s in self._sources if s.entry.source == entry.source
                           and s.entry.max_classes == entry.max_classes), None)
             if known is not None:
@@ -118,7 +119,8 @@ class TrajectoryPool:
                 shots=description.get("shots"), queries=description.get("queries"),
                 max_ways=description.get("max_ways"), max_support=description.get("max_support"),
                 seed=description.get("episode_seed") or 0, split=description.get("split", "train"),
-                class_split=class_split, num_episodes=size, image_transform=self.transform)
+                class_split=class_split, num_episodes=size,
+                image_transform=grey_then(self.transform) if entry.without_colour else self.transform)
         sampler = self._samplers[cache_key]
         episode = sampler[record["episode"]]
         if json.loads(json.dumps(episode.spec)) != record["spec"]:
@@ -157,7 +159,8 @@ def generate_trajectories(config: TrainConfig, adapter, sources: list[Source], a
         folder = parent / source.name
         sampler = make_sampler(source, config, "train", generate.seed, generate.episodes, transform, f"datasets[{k}]")
         description = {"source": source.entry.source, "hub_split": source.entry.hub_split,
-                       "max_classes": source.entry.max_classes, "split": "train",
+                       "max_classes": source.entry.max_classes, "without_colour": source.entry.without_colour,
+                       "split": "train",
                        **episode_shape(config, source.entry), "episode_seed": generate.seed, "class_split": str(source.class_split_file)}
         done = (folder / "store.json").is_file() and len(TrajectoryStore(folder)) >= generate.episodes * generate.inits
         if not done:
