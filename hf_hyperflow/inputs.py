@@ -20,8 +20,8 @@ from torch import nn
 
 from .io import read_json_checked
 
-__all__ = ["encode_labels", "default_image_processor", "to_pixel_values", "check_images", "to_rgb", "without_colour", "check_pair",
-           "processor_size", "PixelTransform", "PIXEL_LIMIT", "PROCESSOR_FILE", "load_image_processor"]
+__all__ = ["encode_labels", "default_image_processor", "to_pixel_values", "check_images", "to_rgb", "without_colour",
+           "check_pair", "processor_size", "PixelTransform", "PIXEL_LIMIT", "PROCESSOR_FILE", "load_image_processor"]
 
 PROCESSOR_FILE = "preprocessor_config.json"
 

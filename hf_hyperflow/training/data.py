@@ -25,7 +25,8 @@ from .config import DatasetSection, TrainConfig, dataset_name, episode_shape
 from .losses import UnrolledInputs
 
 __all__ = ["step_sample_ids", "step_episode_ids", "seeds", "EpisodeMix", "Source", "load_source",
-           "prepare_sources", "make_sampler", "grey_then", "row_key", "LoadedEpisode", "episode_loader", "unrolled_inputs"]
+           "prepare_sources", "make_sampler", "entry_transform", "row_key", "LoadedEpisode", "episode_loader",
+           "unrolled_inputs"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,16 +177,16 @@ def _grey_then(transform, images):
     return images if transform is None else transform(images)
 
 
-def grey_then(transform):
-    """An episode sampler's ``image_transform`` that shows the images in grey, then applies ``transform``."""
-    return functools.partial(_grey_then, transform)
+def entry_transform(entry: DatasetSection, transform):
+    """The ``image_transform`` of a dataset entry's episode samplers: ``transform`` (None: PIL images), after
+    showing the images in grey when the entry is ``without_colour``."""
+    return functools.partial(_grey_then, transform) if entry.without_colour else transform
 
 
 def make_sampler(source: Source, config: TrainConfig, split: str, seed: int, num_episodes: int, transform, key: str,
              rank: int = 0, world_size: int = 1):
     shape = episode_shape(config, source.entry)
-    if source.entry.without_colour:
-        transform = grey_then(transform)
+    transform = entry_transform(source.entry, transform)
     try:
         return EpisodeSampler(source.dataset, **shape, seed=seed, split=split, class_split=source.class_split,
                               image_column=source.entry.image_column, label_column=source.label_column,

@@ -19,7 +19,7 @@ from ..episodes import ClassSplit, EpisodeSampler
 from ..prefix import PrefixCache
 from ..trajectories import TrajectoryStore, record_trajectories
 from .config import DatasetSection, TrainConfig, episode_shape
-from .data import Source, grey_then, load_source, make_sampler, row_key, seeds
+from .data import Source, entry_transform, load_source, make_sampler, row_key, seeds
 from .losses import velocity_scales
 
 __all__ = ["TrajectoryPool", "generate_trajectories"]
@@ -120,7 +120,7 @@ class TrajectoryPool:
                 max_ways=description.get("max_ways"), max_support=description.get("max_support"),
                 seed=description.get("episode_seed") or 0, split=description.get("split", "train"),
                 class_split=class_split, num_episodes=size,
-                image_transform=grey_then(self.transform) if entry.without_colour else self.transform)
+                image_transform=entry_transform(entry, self.transform))
         sampler = self._samplers[cache_key]
         episode = sampler[record["episode"]]
         if json.loads(json.dumps(episode.spec)) != record["spec"]:
