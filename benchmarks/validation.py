@@ -9,7 +9,8 @@ A source is ``NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]`` (5-way; default 5 shots, 
 ``<class-splits>/<NAME>.json`` when that file exists (the run's own), else ``ClassSplit.from_dataset(dataset,
 group_column=GROUP_COLUMN, seed=0)``. Every method runs on the same seeded episodes; results.json / results.md
 in ``--output`` carry the paired gains over dt. ``--without-colour NAME`` shows a source's images in grey (a
-second ``--source`` of the same folder under another name gives both).
+second ``--source`` of the same folder under another name gives both). ``--outside-training NAME`` marks a source
+that no training source covers (a domain held out of meta-training as a whole): its episodes draw on every class.
 """
 
 from __future__ import annotations
@@ -27,26 +28,29 @@ if __package__ in (None, ""):
 from benchmarks.teacher_study import parse_source  # noqa: E402
 
 
-def validation_domains(sources: list[dict], class_splits: Path | None,
-                       without_colour: Sequence[str] = ()) -> dict[str, tuple]:
+def validation_domains(sources: list[dict], class_splits: Path | None, without_colour: Sequence[str] = (),
+                       outside_training: Sequence[str] = ()) -> dict[str, tuple]:
     """``name -> (dataset, sampler kwargs)`` of the sources' validation classes; the sources named in
-    ``without_colour`` are shown in grey (as a training config's ``without_colour`` shows them)."""
+    ``without_colour`` are shown in grey (as a training config's ``without_colour`` shows them), those named in
+    ``outside_training`` (no training source covers them) give episodes over every class."""
     from hf_hyperflow.episodes import ClassSplit, load_image_dataset
     from hf_hyperflow.inputs import without_colour as grey_images
 
     domains = {}
     for source in sources:
         dataset = load_image_dataset(source["path"])
+        # classes too small for the episode's shape are left out (wesnoth_units at 5 shots)
+        shape = {"protocol": "fixed", "ways": 5, "shots": source["shots"], "queries": source["queries"],
+                 "min_images_per_class": source["shots"] + source["queries"]}
+        transform = {"image_transform": grey_images} if source["name"] in without_colour else {}
+        if source["name"] in outside_training:
+            domains[f"{source['name']} (outside training)"] = (dataset, {**shape, **transform, "split": None})
+            continue
         saved = class_splits / f"{source['name']}.json" if class_splits else None
         split = (ClassSplit.load(saved) if saved is not None and saved.is_file()
                  else ClassSplit.from_dataset(dataset, group_column=source["group_column"], seed=0))
-        # classes too small for the episode's shape are left out (wesnoth_units at 5 shots)
-        kwargs = {"protocol": "fixed", "ways": 5, "shots": source["shots"], "queries": source["queries"],
-                  "split": "validation", "class_split": split,
-                  "min_images_per_class": source["shots"] + source["queries"]}
-        if source["name"] in without_colour:
-            kwargs["image_transform"] = grey_images
-        domains[f"{source['name']} (validation)"] = (dataset, kwargs)
+        domains[f"{source['name']} (validation)"] = (dataset, {**shape, **transform, "split": "validation",
+                                                               "class_split": split})
     return domains
 
 
@@ -58,15 +62,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source", action="append", required=True, help="NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]")
     parser.add_argument("--without-colour", action="append", default=[], metavar="NAME",
                         help="show this source's images in grey (repeatable)")
+    parser.add_argument("--outside-training", action="append", default=[], metavar="NAME",
+                        help="a source no training source covers: episodes over every class (repeatable)")
     parser.add_argument("--methods", default="dt,hyperflow,hyperflow:auto")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     sources = [parse_source(s) for s in args.source]
-    unknown = set(args.without_colour) - {source["name"] for source in sources}
-    if unknown:  # before any model or dataset is loaded
-        raise SystemExit(f"error: --without-colour names no --source: {sorted(unknown)}")
+    names = {source["name"] for source in sources}
+    for flag, named in (("--without-colour", args.without_colour), ("--outside-training", args.outside_training)):
+        if set(named) - names:  # before any model or dataset is loaded
+            raise SystemExit(f"error: {flag} names no --source: {sorted(set(named) - names)}")
     from transformers import AutoModel
 
     from hf_hyperflow import HyperFlowAdapter
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             "shots": None, "queries": None, "image_size": int(adapter.config.image_size),
             "machine": machine_description(), "date": date.today().isoformat(), "split": "validation",
             "command": "python benchmarks/validation.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
-    domains = validation_domains(sources, args.class_splits, args.without_colour)
+    domains = validation_domains(sources, args.class_splits, args.without_colour, args.outside_training)
     results, _ = run_evaluation(evaluator, domains, episodes=args.episodes, meta=meta, batch_tasks=0)
     paths = write_outputs(results, args.output)
     print(paths["markdown"].read_text())

@@ -131,14 +131,29 @@ def test_validation(setting):
         setting["run"] / "efficientnet-lite0", "--class-splits", setting["run"] / "training" / "class_splits",
         "--source", f"glyphs_default={setting['data'] / 'glyphs_default'}:script:2:3",
         "--source", f"grey={setting['data'] / 'glyphs_default'}:script:2:3", "--without-colour", "grey",
+        "--source", f"digits={setting['data'] / 'digits'}:label:2:3", "--outside-training", "digits",
         "--methods", "dt,hyperflow", "--episodes", 2, "--output", output)
     results = json.loads((output / "results.json").read_text())["results"]
     assert "gain_vs_dt" in results["glyphs_default (validation)"]["hyperflow"]
     assert results["grey (validation)"]["dt"]["episodes"] == 2
-    with pytest.raises(AssertionError, match="--without-colour names no --source"):
-        run("validation.py", "--adapter", setting["run"] / "training" / "best", "--source",
-            f"glyphs_default={setting['data'] / 'glyphs_default'}:script", "--without-colour", "glyphs",
-            "--output", output)
+    assert results["digits (outside training)"]["dt"]["episodes"] == 2
+    for flag in ("--without-colour", "--outside-training"):
+        with pytest.raises(AssertionError, match=f"{flag} names no --source"):
+            run("validation.py", "--adapter", setting["run"] / "training" / "best", "--source",
+                f"glyphs_default={setting['data'] / 'glyphs_default'}:script", flag, "glyphs", "--output", output)
+
+
+def test_validation_domains_outside_training_use_every_class(setting):
+    from benchmarks.validation import validation_domains
+    from hf_hyperflow.episodes import EpisodeSampler
+
+    source = {"name": "digits", "path": str(setting["data"] / "digits"), "group_column": "label", "shots": 2,
+              "queries": 3}
+    (name, (dataset, kwargs)), = validation_domains([source], None, outside_training=["digits"]).items()
+    assert name == "digits (outside training)" and kwargs["split"] is None and "class_split" not in kwargs
+    sampler = EpisodeSampler(dataset, seed=0, **kwargs)
+    classes = {name for k in range(20) for name in sampler[k].classes}
+    assert len(classes) == dataset.features["label"].num_classes == 10
 
 
 def test_path_study(setting):

@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # recipes/ is not an installed package
     sys.path.insert(0, str(REPO))
 
+from data_sources import blocks, fake_package  # noqa: E402
+
 from hf_hyperflow.episodes import ClassSplit, EpisodeSampler  # noqa: E402
 from recipes.data import BUILDERS, get_builder  # noqa: E402
 from recipes.data.cataclysm_tiles import collect_classes, load_definitions, tilesets  # noqa: E402
@@ -38,6 +40,8 @@ SLICES = {
     "fashion_mnist": (2, None, ["mit"]),
     "wesnoth_units": (6, "race", ["gpl-2.0"]),
     "cataclysm_tiles": (6, "category", ["cc-by-sa-3.0"]),
+    "openclipart": (6, "category", ["LICENCE-OF-OPENCLIPART"]),
+    "tuxpaint_stamps": (6, "category", ["LICENCE-OF-TUXPAINT-STAMPS"]),
 }
 ALWAYS = {"glyphs_default", "digits"}  # their sources come with pip
 
@@ -207,29 +211,6 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 
 MAGENTA = ("F49AC1,3F0016,55002A,690039,7B0045,8C0051,9E005D,B10069,C30074,D6007F,EC008C,EE3D96,EF5BA1,F172AC,"
            "F287B6,F6ADCD,F8C1D9,FAD5E5,FDE9F1")
-
-
-def fake_package(cache: Path, name: str, version: str) -> Path:
-    """An extracted Debian package in the builders' source cache, as fetch_source leaves it; returns its root."""
-    root = cache / "deb" / name
-    (root / "files").mkdir(parents=True)
-    (root / ".complete.json").write_text(json.dumps({"kind": "deb", "name": name, "version": version}))
-    return root / "files"
-
-
-def blocks(rng: np.random.Generator, size: tuple[int, int], cells: int = 6, fill: float = 1.0) -> Image.Image:
-    """A random pattern of coloured blocks covering ``fill`` of an RGBA canvas (transparent elsewhere)."""
-    width, height = size
-    canvas = np.zeros((height, width, 4), np.uint8)
-    inner_w, inner_h = max(1, int(width * fill)), max(1, int(height * fill))
-    x0, y0 = (width - inner_w) // 2, (height - inner_h) // 2
-    colours = rng.integers(0, 256, size=(cells, cells, 3), dtype=np.uint8)
-    ys = np.arange(inner_h) * cells // inner_h
-    xs = np.arange(inner_w) * cells // inner_w
-    canvas[y0:y0 + inner_h, x0:x0 + inner_w, :3] = colours[ys[:, None], xs[None, :]]
-    canvas[y0:y0 + inner_h, x0:x0 + inner_w, 3] = 255
-    return Image.fromarray(canvas, "RGBA")
-
 
 WESNOTH_UNITS = {
     "units/humans/Bowman.cfg": """#textdomain wesnoth-units
