@@ -40,8 +40,8 @@ SLICES = {
     "fashion_mnist": (2, None, ["mit"]),
     "wesnoth_units": (6, "race", ["gpl-2.0"]),
     "cataclysm_tiles": (6, "category", ["cc-by-sa-3.0"]),
-    "openclipart": (6, "category", ["LICENCE-OF-OPENCLIPART"]),
-    "tuxpaint_stamps": (6, "category", ["LICENCE-OF-TUXPAINT-STAMPS"]),
+    "openclipart": (6, "category", ["cc0-1.0"]),
+    "tuxpaint_stamps": (6, "category", ["gpl-2.0", "gfdl", "cc-by-sa-3.0", "cc-by-2.5", "cc-by-2.0", "other"]),
 }
 ALWAYS = {"glyphs_default", "digits"}  # their sources come with pip
 

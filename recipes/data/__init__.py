@@ -21,6 +21,8 @@ _MODULES = {
     "fashion_mnist": "recipes.data.fashion_mnist",
     "wesnoth_units": "recipes.data.wesnoth_units",
     "cataclysm_tiles": "recipes.data.cataclysm_tiles",
+    "openclipart": "recipes.data.openclipart",
+    "tuxpaint_stamps": "recipes.data.tuxpaint_stamps",
 }
 
 
