@@ -9,7 +9,8 @@ running the adapter again (``--rules``).
         --source wesnoth_units=data/wesnoth_units:race:2:3 --source glyphs_2shot=data/glyphs:script:2:3 \
         --episodes 600 --output benchmarks/path_study
 
-Sources as in ``benchmarks/validation.py`` (the same seeded episodes). One JSON line per episode in
+Sources as in ``benchmarks/validation.py`` (the same seeded episodes; ``--without-colour`` and ``--outside-training``
+as there). One JSON line per episode in
 ``<output>/<source>.jsonl`` (resumable: episodes already there are skipped); ``--rules`` prints each rule's paired
 gain over direct transfer per source from those records.
 """
@@ -175,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", type=Path, default=Path("models/efficientnet-lite0"))
     parser.add_argument("--adapter", type=Path, default=Path("adapters/efficientnet_lite0"))
     parser.add_argument("--source", action="append", required=True, help="NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]")
+    parser.add_argument("--without-colour", action="append", default=[], metavar="NAME",
+                        help="show this source's images in grey, as validation.py does (repeatable)")
+    parser.add_argument("--outside-training", action="append", default=[], metavar="NAME",
+                        help="a source no training source covers: episodes over every class, as validation.py")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="integration steps (default: the adapter's)")
@@ -196,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args.output.mkdir(parents=True, exist_ok=True)
     adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(args.backbone).eval(), args.adapter)
-    for name, (dataset, sampler_kwargs) in validation_domains(sources, None).items():
+    for name, (dataset, sampler_kwargs) in validation_domains(sources, None, args.without_colour,
+                                                              args.outside_training).items():
         record_source(adapter, name, dataset, sampler_kwargs, args.episodes, args.seed, args.output, args.steps)
 
 

@@ -175,6 +175,14 @@ def test_path_study(setting):
     assert abs(100 * sum(r["accuracy"][0] for r in records) / 3 - mean_dt) < 1e-3
     table = run("path_study.py", *common, "--rules", "end", "0,1", "lazy:0,1~0.2", "acc:0,1")
     assert "| end |" in table and "| lazy:0,1~0.2 |" in table and "| acc:0,1 |" in table
+    # a source outside training, in grey: its t = 0 is validation.py's dt on the same episodes
+    digits = ["--source", f"digits={setting['data'] / 'digits'}:label:2:3", "--outside-training", "digits",
+              "--without-colour", "digits", "--episodes", 2]
+    run("path_study.py", *common[:4], *digits, "--output", output)
+    run("validation.py", *common[:4], *digits, "--methods", "dt", "--output", setting["root"] / "digits_dt")
+    records = [json.loads(line) for line in (output / "digits.jsonl").read_text().splitlines()]
+    dt = json.loads((setting["root"] / "digits_dt" / "results.json").read_text())["results"]
+    assert abs(100 * sum(r["accuracy"][0] for r in records) / 2 - dt["digits (outside training)"]["dt"]["accuracy"]) < 1e-3
 
 
 def test_paired_runs():
