@@ -211,15 +211,20 @@ def check_images(images) -> None:
     elif isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("No images were given.")
-        bad = sorted({type(im).__name__ for im in images if not isinstance(im, Image.Image)})
-        if bad:
-            raise TypeError(f"Images must be PIL images or one pixel_values tensor [B, 3, H, W]; got {bad}.")
+        _check_all_pil(images)
         for i, image in enumerate(images):
             _check_pil(image, _where(i, len(images), image))
     else:
         raise TypeError(
             f"Images must be a list of PIL images or a pixel_values tensor [B, 3, H, W], got {type(images).__name__}."
         )
+
+
+def _check_all_pil(images: list | tuple) -> None:
+    """TypeError naming the types in ``images`` that are not PIL images."""
+    bad = sorted({type(im).__name__ for im in images if not isinstance(im, Image.Image)})
+    if bad:
+        raise TypeError(f"Images must be PIL images or one pixel_values tensor [B, 3, H, W]; got {bad}.")
 
 
 def _where(index: int, count: int, image: Image.Image) -> str:
@@ -304,9 +309,7 @@ def _eight_bit_values(image: Image.Image, where: str) -> np.ndarray:
 def without_colour(images: list[Image.Image]) -> list[Image.Image]:
     """The images in grey: each pixel's luma (ITU-R 601, PIL's ``convert("L")``) in all three RGB channels,
     transparency composited onto white first (:func:`to_rgb`)."""
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"image {i} is a {type(image).__name__}: without_colour takes PIL images.")
+    _check_all_pil(images)
     return [to_rgb(image, f"image {i}").convert("L").convert("RGB") for i, image in enumerate(images)]
 
 
