@@ -33,6 +33,7 @@ from benchmarks.teacher_study import parse_source  # noqa: E402
 SOURCES = ("glyphs=glyphs:script", "emoji=emoji:category:1:3", "wesnoth_units=wesnoth_units:race:2:3",
            "cataclysm_tiles=cataclysm_tiles:category:1:3")  # NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES], under --data
 OUT_OF_DOMAIN = ("digits", "fashion_mnist")
+OUTSIDE_SHAPE = {"shots": 5, "queries": 15}  # episodes of the out-of-domain datasets, 5-way over every class
 FINE_TUNING = ["ft-lora+shift", "ft-blocks", "ft-full"]
 LR_GRID = (1e-4, 1e-3, 1e-2)
 
@@ -45,15 +46,22 @@ def out_of_domain(name: str) -> str:
     return f"{name} (out of domain)"
 
 
-def _dataset(data: Path, path: str):
-    """The dataset at ``data / path``, built first with the registered builder of that name when missing."""
-    from hf_hyperflow.episodes import load_image_dataset
+def build_missing(data: Path, paths: list[str]) -> None:
+    """Build each dataset folder ``data / path`` that does not exist, with the registered builder of that name."""
     from hf_hyperflow.registry import data_builders
 
-    folder = data / path
-    if not folder.exists():
-        data_builders()[folder.name].build(folder)
-    return load_image_dataset(folder)
+    for path in paths:
+        folder = data / path
+        if not folder.exists():
+            data_builders()[folder.name].build(folder)
+
+
+def _dataset(data: Path, path: str):
+    """The dataset at ``data / path``, built first when missing."""
+    from hf_hyperflow.episodes import load_image_dataset
+
+    build_missing(data, [path])
+    return load_image_dataset(data / path)
 
 
 def benchmark_domains(data: Path, sources: list[str], outside_names: list[str]) -> tuple[dict, dict]:
@@ -68,8 +76,8 @@ def benchmark_domains(data: Path, sources: list[str], outside_names: list[str]) 
         inside[held_out(source["name"])] = (dataset, {
             "protocol": "fixed", "ways": 5, "shots": source["shots"], "queries": source["queries"],
             "split": "test", "class_split": split})
-    outside = {out_of_domain(name): (_dataset(data, name), {"protocol": "fixed", "ways": 5, "shots": 5,
-                                                           "queries": 15, "split": None})
+    outside = {out_of_domain(name): (_dataset(data, name), {"protocol": "fixed", "ways": 5, **OUTSIDE_SHAPE,
+                                                           "split": None})
                for name in outside_names}
     return inside, outside
 
@@ -145,9 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.backbone / "config.json").exists():
         build_efficientnet_lite0(args.backbone)
     sources, outside = args.source or list(SOURCES), [n for n in args.out_of_domain.split(",") if n]
-    inside_domains, outside_domains = benchmark_domains(args.data, sources, outside)  # builds missing data once
-    shapes = {name: f"{kwargs['shots']}-shot {kwargs['queries']}-query"
-              for name, (_, kwargs) in {**inside_domains, **outside_domains}.items()}
+    build_missing(args.data, [parse_source(s)["path"] for s in sources] + outside)  # once, before any worker
+    shapes = {held_out(s["name"]): f"{s['shots']}-shot {s['queries']}-query" for s in map(parse_source, sources)}
+    shapes.update({out_of_domain(name): "{shots}-shot {queries}-query".format(**OUTSIDE_SHAPE) for name in outside})
     fine_tuning = [m for m in args.fine_tuning.split(",") if m]
     per_method = {m: args.ft_full_episodes if m == "ft-full" else args.ft_episodes for m in fine_tuning}
     command = "python benchmarks/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
 
         with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(pool.map(evaluate_domains, [settings] * len(shares), *zip(*shares, strict=True)))
-    order = list(inside_domains) + list(outside_domains)
+    order = list(shapes)
     results = {"meta": meta, "results": {}, "details": {}, "batched_throughput": {}}
     for key in ("results", "details", "batched_throughput"):
         merged = {name: value for part in parts for name, value in part[key].items()}
@@ -190,7 +198,7 @@ def _shares(sources: list[str], outside: list[str], jobs: int) -> list[tuple[lis
     if jobs == 1:
         return [(sources, outside)]
     items = [("source", s, sum(parse_source(s)[k] for k in ("shots", "queries"))) for s in sources]
-    items += [("outside", name, 20) for name in outside]  # 5 shots + 15 queries
+    items += [("outside", name, sum(OUTSIDE_SHAPE.values())) for name in outside]
     loads, shares = [0] * jobs, [([], []) for _ in range(jobs)]
     for kind, name, cost in sorted(items, key=lambda item: -item[2]):
         least = loads.index(min(loads))
