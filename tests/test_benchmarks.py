@@ -141,9 +141,7 @@ def test_validation(setting):
         with pytest.raises(AssertionError, match=f"{flag} names no --source"):
             run("validation.py", "--adapter", setting["run"] / "training" / "best", "--source",
                 f"glyphs_default={setting['data'] / 'glyphs_default'}:script", flag, "glyphs", "--output", output)
-
-
-def test_validation_domains_outside_training_use_every_class(setting):
+    # a source outside training draws its episodes from every class
     from benchmarks.validation import validation_domains
     from hf_hyperflow.episodes import EpisodeSampler
 
