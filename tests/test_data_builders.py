@@ -24,7 +24,15 @@ from data_sources import blocks, fake_package  # noqa: E402
 from hf_hyperflow.episodes import ClassSplit, EpisodeSampler  # noqa: E402
 from recipes.data import BUILDERS, get_builder  # noqa: E402
 from recipes.data.cataclysm_tiles import collect_classes, load_definitions, tilesets  # noqa: E402
-from recipes.data.common import dataset_stats, fit_sprite, round_robin, write_dataset  # noqa: E402
+from recipes.data.common import (  # noqa: E402
+    dataset_stats,
+    evenly_spaced,
+    fit_sprite,
+    is_near_copy,
+    pixel_digest,
+    round_robin,
+    write_dataset,
+)
 from recipes.data.emoji import sequence_key  # noqa: E402
 from recipes.data.fashion_mnist import read_idx  # noqa: E402
 from recipes.data.glyphs import GlyphRenderer, character_group, distort  # noqa: E402
@@ -168,6 +176,17 @@ def test_sequence_key_and_round_robin():
     items = ["a1", "a2", "a3", "b1", "c1", "c2"]
     assert round_robin(items, lambda s: s[0], 4) == ["a1", "a2", "b1", "c1"]
     assert round_robin(items, lambda s: s[0], None) == items
+
+
+def test_duplicate_rules_and_evenly_spaced_instances():
+    assert evenly_spaced(list(range(25)), 20) == [k for k in range(25) if k not in (2, 7, 12, 17, 22)]
+    assert evenly_spaced([1, 2, 3], 20) == [1, 2, 3]
+    grey = np.full((4, 4, 3), 100, np.float32)
+    assert is_near_copy(grey + 5.9, [grey], 6.0) and not is_near_copy(grey + 6.0, [grey], 6.0)
+    assert not is_near_copy(grey, [], 6.0)
+    image = Image.new("RGB", (4, 4), (1, 2, 3))
+    assert pixel_digest(image) == pixel_digest(image.copy()) != pixel_digest(Image.new("RGB", (4, 4), (1, 2, 4)))
+    assert pixel_digest(image) != pixel_digest(Image.new("RGB", (2, 8), (1, 2, 3)))   # same bytes, other size
 
 
 def test_write_dataset_refuses_a_folder_that_is_not_a_dataset(tmp_path):

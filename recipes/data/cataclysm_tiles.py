@@ -9,7 +9,6 @@ tileset's own random or animated variants). The ``category`` column (``item: too
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,9 +21,12 @@ from tqdm.auto import tqdm
 
 from .common import (
     class_label,
+    evenly_spaced,
     fetch_source,
     fit_sprite,
+    is_near_copy,
     missing_sources,
+    pixel_digest,
     png_bytes,
     rebuild_command,
     round_robin,
@@ -189,10 +191,6 @@ class Tileset:
         return None
 
 
-def _digest(image: Image.Image) -> bytes:
-    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).digest()
-
-
 @dataclass(frozen=True)
 class Drawing:
     tileset: str
@@ -224,23 +222,22 @@ def collect_classes(sets: list[Tileset], definitions: dict[str, Definition], min
                 image = tileset.sprite(index)
                 if image is not None:
                     drawings[tile_id].append(Drawing(tileset.name, index, image))
-                    owners[_digest(image)].add(tile_id)
+                    owners[pixel_digest(image)].add(tile_id)
     chosen = []
     for tile_id in sorted(drawings, key=lambda i: (definitions[i].category, i)):
         kept: list[Drawing] = []
         signatures: list[np.ndarray] = []
         for drawing in drawings[tile_id]:
-            if len(owners[_digest(drawing.image)]) > 1:
+            if len(owners[pixel_digest(drawing.image)]) > 1:
                 continue
             signature = np.asarray(fit_sprite(drawing.image, 32, pixel_art=True), dtype=np.float32)
-            if any(np.abs(signature - s).mean() < DUPLICATE_LEVEL for s in signatures):
+            if is_near_copy(signature, signatures, DUPLICATE_LEVEL):
                 continue
             signatures.append(signature)
             kept.append(drawing)
         if len(kept) < min_instances:
             continue
-        if len(kept) > max_instances:
-            kept = [kept[k] for k in np.unique(np.linspace(0, len(kept) - 1, max_instances).round().astype(int))]
+        kept = evenly_spaced(kept, max_instances)
         chosen.append((definitions[tile_id], kept))
     return chosen
 

@@ -3,6 +3,7 @@ saving a dataset folder with its dataset card."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -156,6 +157,24 @@ def fit_sprite(image: Image.Image, size: int, margin: int = 0, pixel_art: bool =
     canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
     canvas.alpha_composite(sprite, ((size - width) // 2, (size - height) // 2))
     return canvas.convert("RGB")
+
+
+def pixel_digest(image: Image.Image) -> bytes:
+    """A hash of an image's pixels and size: equal for two images with the same pixels."""
+    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).digest()
+
+
+def is_near_copy(signature: np.ndarray, kept: list[np.ndarray], level: float) -> bool:
+    """Whether ``signature`` (an image as a float array) is within a mean absolute difference of ``level`` of one
+    of ``kept`` (arrays of the same shape)."""
+    return any(np.abs(signature - other).mean() < level for other in kept)
+
+
+def evenly_spaced(items: list, limit: int) -> list:
+    """``items`` when there are at most ``limit``, else ``limit`` of them evenly spaced from the first to the last."""
+    if len(items) <= limit:
+        return list(items)
+    return [items[k] for k in np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))]
 
 
 def class_label(names: list[str]) -> datasets.ClassLabel:

@@ -8,7 +8,6 @@ artists. The ``category`` column (the top folder: ``food``, ``animals``...) lets
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 import zlib
@@ -23,9 +22,12 @@ from tqdm.auto import tqdm
 
 from .common import (
     class_label,
+    evenly_spaced,
     fetch_source,
     fit_sprite,
+    is_near_copy,
     missing_sources,
+    pixel_digest,
     png_bytes,
     rebuild_command,
     round_robin,
@@ -130,7 +132,7 @@ def read_clip(path: Path, png: Path) -> Clip:
     source = open_clip(path)
     small = fit_sprite(source, 32)
     return Clip(path.relative_to(png).as_posix(), fit_sprite(source, IMAGE_SIZE, MARGIN),
-                np.asarray(small, dtype=np.float32), hashlib.sha1(small.tobytes()).digest())
+                np.asarray(small, dtype=np.float32), pixel_digest(small))
 
 
 UNREADABLE = (OSError, SyntaxError, ValueError, zlib.error)   # PIL's errors on a broken PNG
@@ -168,13 +170,12 @@ def choose_clips(clips: dict[str, list[Clip]], min_instances: int = MIN_INSTANCE
         for clip in clips[name]:
             if len(owners[clip.digest]) > 1:
                 continue
-            if any(np.abs(clip.signature - k.signature).mean() < DUPLICATE_LEVEL for k in kept):
+            if is_near_copy(clip.signature, [k.signature for k in kept], DUPLICATE_LEVEL):
                 continue
             kept.append(clip)
         if len(kept) < min_instances:
             continue
-        if len(kept) > max_instances:
-            kept = [kept[k] for k in np.unique(np.linspace(0, len(kept) - 1, max_instances).round().astype(int))]
+        kept = evenly_spaced(kept, max_instances)
         chosen.append((name, kept))
     return chosen
 

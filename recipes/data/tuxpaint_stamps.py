@@ -9,7 +9,6 @@ The ``category`` column (the top folder: ``animals``, ``food``, ``town``...) let
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,9 +20,12 @@ from tqdm.auto import tqdm
 
 from .common import (
     class_label,
+    evenly_spaced,
     fetch_source,
     fit_sprite,
+    is_near_copy,
     missing_sources,
+    pixel_digest,
     png_bytes,
     rebuild_command,
     round_robin,
@@ -97,11 +99,6 @@ def read_stamp(path: Path) -> Image.Image | None:
     return rgba
 
 
-def _digest(image: Image.Image) -> bytes:
-    """A hash of the image's pixels and size."""
-    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).digest()
-
-
 @dataclass(frozen=True)
 class Stamp:
     file: str            # path relative to stamps/
@@ -142,11 +139,6 @@ def find_stamps(stamps: Path) -> tuple[dict[str, list[Stamp]], Counter]:
     return by_class, skipped
 
 
-def _near(signature: np.ndarray, kept: list[np.ndarray]) -> bool:
-    """Whether ``signature`` is within ``DUPLICATE_LEVEL`` of one of ``kept``."""
-    return any(np.abs(signature - k).mean() < DUPLICATE_LEVEL for k in kept)
-
-
 def collect_classes(by_class: dict[str, list[Stamp]], min_instances: int = MIN_INSTANCES,
                     max_instances: int = MAX_INSTANCES) -> tuple[list[tuple[str, list[Stamp]]], Counter]:
     """Classes with at least ``min_instances`` distinct stamps, sorted by name, and counts of the stamps dropped.
@@ -157,26 +149,26 @@ def collect_classes(by_class: dict[str, list[Stamp]], min_instances: int = MIN_I
     owners: dict[bytes, set[str]] = defaultdict(set)
     for label, stamps in by_class.items():
         for stamp in stamps:
-            owners[_digest(stamp.signature)].add(label)
+            owners[pixel_digest(stamp.signature)].add(label)
     chosen, dropped = [], Counter()
     for label in sorted(by_class):
         kept: list[Stamp] = []
         signatures: list[np.ndarray] = []
         for stamp in by_class[label]:
-            if len(owners[_digest(stamp.signature)]) > 1:
+            if len(owners[pixel_digest(stamp.signature)]) > 1:
                 dropped["shared"] += 1
                 continue
             signature = np.asarray(stamp.signature, dtype=np.float32)
-            if _near(signature, signatures) or _near(signature[:, ::-1], signatures):
-                dropped["duplicate" if _near(signature, signatures) else "mirrored"] += 1
+            near = is_near_copy(signature, signatures, DUPLICATE_LEVEL)
+            if near or is_near_copy(signature[:, ::-1], signatures, DUPLICATE_LEVEL):
+                dropped["duplicate" if near else "mirrored"] += 1
                 continue
             signatures.append(signature)
             kept.append(stamp)
         if len(kept) < min_instances:
             dropped["in small classes"] += len(kept)
             continue
-        if len(kept) > max_instances:
-            kept = [kept[k] for k in np.unique(np.linspace(0, len(kept) - 1, max_instances).round().astype(int))]
+        kept = evenly_spaced(kept, max_instances)
         chosen.append((label, kept))
     return chosen, dropped
 

@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 
 from .common import (
     class_label,
+    evenly_spaced,
     fetch_source,
     fit_sprite,
+    is_near_copy,
     missing_sources,
     png_bytes,
     rebuild_command,
@@ -232,14 +234,13 @@ def unit_classes(core: Path, min_frames: int = MIN_FRAMES, max_frames: int = MAX
             if areas[frame] < MIN_COVER * reference:
                 continue
             signature = _signature(loaded[frame])
-            if any(np.abs(signature - s).mean() < DUPLICATE_LEVEL for s in signatures):
+            if is_near_copy(signature, signatures, DUPLICATE_LEVEL):
                 continue
             signatures.append(signature)
             kept.append(frame)
         if len(kept) < min_frames:
             continue
-        if len(kept) > max_frames:
-            kept = [kept[k] for k in np.unique(np.linspace(0, len(kept) - 1, max_frames).round().astype(int))]
+        kept = evenly_spaced(kept, max_frames)
         chosen.append(UnitClass(unit, tuple(kept)))
     return sorted(chosen, key=lambda c: (c.unit.race, c.unit.id))
 
