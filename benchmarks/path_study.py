@@ -26,7 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.teacher_study import parse_source  # noqa: E402
-from benchmarks.validation import validation_domains  # noqa: E402
+from benchmarks.validation import check_source_flags, validation_domains  # noqa: E402
 
 
 def path_record(adapter, support, labels, query, query_labels, steps: int | None = None) -> dict:
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--versus", default=None, help="with --rules: paired differences against this rule, not dt")
     args = parser.parse_args(argv)
     sources = [parse_source(s) for s in args.source]
+    check_source_flags(sources, {"--without-colour": args.without_colour, "--outside-training": args.outside_training})
     if args.rules is not None:
         records = {s["name"]: [json.loads(line) for line in (args.output / f"{s['name']}.jsonl").read_text()
                                .splitlines()][: args.episodes] for s in sources}

@@ -54,6 +54,15 @@ def validation_domains(sources: list[dict], class_splits: Path | None, without_c
     return domains
 
 
+def check_source_flags(sources: list[dict], flags: dict[str, Sequence[str]]) -> None:
+    """SystemExit when a flag (``"--without-colour" -> names``) names a source that no ``--source`` gives; to be
+    called before any model or dataset is loaded."""
+    names = {source["name"] for source in sources}
+    for flag, named in flags.items():
+        if set(named) - names:
+            raise SystemExit(f"error: {flag} names no --source: {sorted(set(named) - names)}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", type=Path, default=Path("models/efficientnet-lite0"))
@@ -70,10 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     sources = [parse_source(s) for s in args.source]
-    names = {source["name"] for source in sources}
-    for flag, named in (("--without-colour", args.without_colour), ("--outside-training", args.outside_training)):
-        if set(named) - names:  # before any model or dataset is loaded
-            raise SystemExit(f"error: {flag} names no --source: {sorted(set(named) - names)}")
+    check_source_flags(sources, {"--without-colour": args.without_colour, "--outside-training": args.outside_training})
     from transformers import AutoModel
 
     from hf_hyperflow import HyperFlowAdapter

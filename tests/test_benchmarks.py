@@ -181,6 +181,8 @@ def test_path_study(setting):
     records = [json.loads(line) for line in (output / "digits.jsonl").read_text().splitlines()]
     dt = json.loads((setting["root"] / "digits_dt" / "results.json").read_text())["results"]
     assert abs(100 * sum(r["accuracy"][0] for r in records) / 2 - dt["digits (outside training)"]["dt"]["accuracy"]) < 1e-3
+    with pytest.raises(AssertionError, match="--outside-training names no --source"):
+        run("path_study.py", *common, "--outside-training", "digits")
 
 
 def test_paired_runs():
