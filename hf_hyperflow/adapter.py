@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from .backbones import check_backbone, check_no_adapter, embed, model_type_of
 from .backbones import images_per_pass as default_images_per_pass
 from .cards import AdapterCardData, card_repo_id, render_adapter_card
 from .config import FREE_FIELDS, HyperFlowConfig, check_saved_fields
+from .domain_reference import DOMAIN_REFERENCE_FILE, DomainReference, statistics_vector
 from .drift import DriftNet, TaskEncoding
 from .heads import class_prototypes
 from .hub import push_folder_to_hub, resolve_pretrained_folder
@@ -65,8 +67,10 @@ class TaskBatch:
         class_mask: ``BoolTensor[T, C_max]`` (False for padding classes).
         encoding: the drift network's task encoding (None for direct transfer).
         sizes: support images per task.
-        times: per task, the integration time of its state (1.0 unless stopping='auto' chose an earlier point;
-            None for direct transfer).
+        times: per task, the integration time of its state (1.0 unless stopping='auto' or the domain gate chose an
+            earlier point; None for direct transfer).
+        domain_distances: per task, the support's distance to the training domains
+            (:mod:`hf_hyperflow.domain_reference`); None without a domain reference.
     """
 
     state: TaskState | None
@@ -75,6 +79,7 @@ class TaskBatch:
     encoding: TaskEncoding | None
     sizes: list[int]
     times: list[float] | None = None
+    domain_distances: list[float] | None = None
 
 
 def _padded_prototypes(features: torch.Tensor, labels: torch.Tensor, sizes: list[int],
@@ -129,6 +134,7 @@ class HyperFlowAdapter:
         self.revision: str | None = None
         self.images_per_pass: int | None = None
         self.images_per_late_pass: int | None = None
+        self.domain_reference: DomainReference | None = None
 
     def unload(self) -> nn.Module:
         """Take the HyperFlow layers out of the backbone and return it as it was before (PEFT's ``unload``), e.g. to
@@ -267,6 +273,9 @@ class HyperFlowAdapter:
                     pixel_values, labels, sizes, num_classes)
         with record_function("hyperflow.task_encoding"):
             encoding = drift.encode_tasks(task_features, labels, sizes, num_classes, module_statistics)
+        distances, outside = self._domain_distances(module_statistics)
+        if outside is not None and bool(outside.all()):  # no task is integrated: direct transfer, no adapted pass
+            return self._gated_batch(encoding, task_features, labels, sizes, num_classes, distances)
         # Where the rule can judge no task, it would keep the end of the path for every one: no other points to pass.
         auto = (stopping or self.config.stopping) == "auto" and any_task_judged(labels, sizes)
         points = candidate_steps(steps, self.config.stopping_points) if auto else None
@@ -291,12 +300,41 @@ class HyperFlowAdapter:
         else:
             state, times = path, [1.0] * len(sizes)
             features = support_features([state])[0] if adapts else task_features
+        if outside is not None and bool(outside.any()):  # those tasks keep theta_0: direct transfer
+            start = drift.initial_state(encoding)
+            state = TaskState.cat([(start if out else state).select(i) for i, out in enumerate(outside.tolist())])
+            features = torch.cat([(task_features if out else features).split(sizes)[i]
+                                  for i, out in enumerate(outside.tolist())])
+            times = [0.0 if out else time for out, time in zip(outside.tolist(), times, strict=True)]
+        return self._batch(state, encoding, features, labels, sizes, num_classes, times, distances)
+
+    def _domain_distances(self, module_statistics: dict | None) -> tuple[list[float] | None, torch.Tensor | None]:
+        """``(distances, outside)``: per task, the support's distance to the training domains (None without a domain
+        reference) and ``BoolTensor[T]``, whether it lies beyond the config's ``domain_gate`` (None: no gate)."""
+        if self.domain_reference is None or module_statistics is None:
+            return None, None
+        vectors = statistics_vector(module_statistics, self.drift.modules_order)
+        distances = self.domain_reference.distance(vectors)
+        gate = self.config.domain_gate
+        return distances.tolist(), (distances > gate if gate is not None else None)
+
+    def _gated_batch(self, encoding: TaskEncoding, task_features: torch.Tensor, labels: torch.Tensor,
+                     sizes: list[int], num_classes: list[int], distances: list[float]) -> TaskBatch:
+        """Every task beyond the domain gate: theta_0 (t = 0), the support's frozen features."""
+        return self._batch(self.drift.initial_state(encoding), encoding, task_features, labels, sizes, num_classes,
+                           [0.0] * len(sizes), distances)
+
+    def _batch(self, state: TaskState, encoding: TaskEncoding, features: torch.Tensor, labels: torch.Tensor,
+               sizes: list[int], num_classes: list[int], times: list[float],
+               distances: list[float] | None) -> TaskBatch:
+        """The TaskBatch of adapted states and their support ``features`` ``Tensor[N, D]`` (prototypes plus the head
+        delta)."""
         with record_function("hyperflow.head"):
             prototypes = _padded_prototypes(features, labels, sizes, num_classes)
             if "head" in self.config.groups:
                 prototypes = prototypes + state[HEAD_KEY]
         return TaskBatch(state=state, prototypes=prototypes, class_mask=encoding.class_mask, encoding=encoding,
-                         sizes=list(sizes), times=times)
+                         sizes=list(sizes), times=times, domain_distances=distances)
 
     def _choose_points(self, candidates: list[tuple[TaskState, torch.Tensor]], labels: torch.Tensor,
                        sizes: list[int], num_classes: list[int]) -> list[int]:
@@ -475,7 +513,8 @@ class HyperFlowAdapter:
         state = batch.state.select(index)
         source = {"source_adapter": self.name_or_path, "source_adapter_revision": self.revision,
                   "support_size": batch.sizes[index], "base_model": self._base_model_name(),
-                  "integration_time": batch.times[index] if batch.times is not None else None}
+                  "integration_time": batch.times[index] if batch.times is not None else None,
+                  "domain_distance": batch.domain_distances[index] if batch.domain_distances is not None else None}
         return AdaptedTask(HyperFlowEmbedder(self.tuner, state), prototypes, scale, bias, classes,
                            self.image_processor, state=state, tuner=self.tuner, config=self.config, source=source)
 
@@ -521,7 +560,8 @@ class HyperFlowAdapter:
                         results: dict | None = None, training_config: dict | None = None,
                         training_datasets: Sequence[str] = ()) -> None:
         """Write ``adapter_config.json`` (the HyperFlowConfig), ``adapter_model.safetensors`` (drift network and
-        theta_0), the image processor's ``preprocessor_config.json`` and the model card ``README.md``
+        theta_0), ``domain_reference.safetensors`` (when the adapter has one: :attr:`domain_reference`), the image
+        processor's ``preprocessor_config.json`` and the model card ``README.md``
         (``repo_id`` names the model in it, default the folder's name; with ``results`` an accuracy-vs-latency
         plot is drawn next to it)."""
         directory = Path(save_directory)
@@ -529,6 +569,8 @@ class HyperFlowAdapter:
         self.image_processor.save_pretrained(str(directory))
         add_checksum(directory / SAFETENSORS_WEIGHTS_NAME,
                      sidecars={directory / CONFIG_NAME: FREE_FIELDS, directory / PROCESSOR_FILE: ()})
+        if self.domain_reference is not None:
+            self.domain_reference.save(directory / DOMAIN_REFERENCE_FILE)
         plot_path = None
         if results is not None:
             save_results_plot(results, directory / "accuracy_vs_latency.png")
@@ -584,6 +626,10 @@ class HyperFlowAdapter:
         model = attach_adapter_checked(backbone, config, tensors, weights)
         model.base_model.drift.requires_grad_(False)
         adapter = cls(model, image_processor=processor)
+        adapter.domain_reference = DomainReference.load_if_present(folder)
+        if config.domain_gate is not None and adapter.domain_reference is None:
+            warnings.warn(f"{pretrained} sets domain_gate={config.domain_gate} but holds no {DOMAIN_REFERENCE_FILE}: "
+                          "every task is integrated. Fit one with recipes/domain_reference.py.", stacklevel=2)
         adapter.name_or_path = str(pretrained)
         adapter.revision = revision or _snapshot_revision(folder)
         return adapter

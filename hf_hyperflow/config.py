@@ -103,6 +103,12 @@ class HyperFlowConfig(PeftConfig):
     stopping_points: int = field(
         default=3, metadata={"help": "Candidate points of the path for stopping='auto', evenly spaced from t=0 to t=1."}
     )
+    domain_gate: float | None = field(
+        default=None,
+        metadata={"help": "Direct transfer (t=0) for a task whose support set lies farther than this from every "
+                          "training source (the distance of hf_hyperflow.domain_reference, against the reference "
+                          "saved with the adapter; needs statistics_size > 0). None: every task is integrated."},
+    )
     hidden_size: int = field(default=128, metadata={"help": "Width of the drift network's shared trunk."})
     time_embedding_size: int = field(default=16, metadata={"help": "Size of the sinusoidal embedding of t."})
     module_embedding_size: int = field(default=16, metadata={"help": "Size of the learned per-module embedding."})
@@ -218,6 +224,19 @@ def _check_groups(config: HyperFlowConfig) -> None:
         raise ValueError(f"groups={config.groups!r} lists a group twice.")
 
 
+def _check_domain_gate(config: HyperFlowConfig) -> None:
+    gate = config.domain_gate
+    if gate is None:
+        return
+    if isinstance(gate, bool) or not isinstance(gate, (int, float)):
+        raise TypeError(f"domain_gate={gate!r} must be a number or None, not {type(gate).__name__}.")
+    if not (math.isfinite(gate) and gate > 0):
+        raise ValueError(f"domain_gate={gate!r} must be > 0 (and finite), or None for no gate.")
+    if not config.statistics_size:
+        raise ValueError("domain_gate reads the support's module input statistics, which this config does not "
+                         "capture (statistics_size=0): set statistics_size > 0, or domain_gate=None.")
+
+
 def _check_choices_and_sizes(config: HyperFlowConfig) -> None:
     for name, choices in (("integrator", INTEGRATOR_NAMES), ("stopping", STOPPING_RULES)):
         if getattr(config, name) not in choices:
@@ -227,6 +246,7 @@ def _check_choices_and_sizes(config: HyperFlowConfig) -> None:
         _check_int(config, name, 1)
     _check_int(config, "stopping_points", 2)
     _check_int(config, "statistics_size", 0)
+    _check_domain_gate(config)
     _check_int(config, "init_seed", 0)
     _check_int(config, "image_size", 8, optional=True)
     _check_int(config, "feature_size", 1, optional=True)

@@ -41,7 +41,8 @@ __all__ = ["AdaptedTask", "HyperFlowEmbedder", "PeftEmbedder", "HEAD_FILE", "TAS
 HEAD_FILE = "hyperflow_head.safetensors"
 TASK_FILE = "hyperflow_task.json"
 # Fields of the saved JSON files free to change after saving (provenance); the others set what the task computes.
-TASK_PROVENANCE = ("source_adapter", "source_adapter_revision", "support_size", "base_model", "integration_time")
+TASK_PROVENANCE = ("source_adapter", "source_adapter_revision", "support_size", "base_model", "integration_time",
+                   "domain_distance")
 PEFT_PROVENANCE = ("peft_version", "base_model_name_or_path", "revision", "task_type", "auto_mapping", "inference_mode")
 
 
@@ -96,6 +97,13 @@ class AdaptedTask:
         """How far along the drift's path this task was adapted: 1.0 for the whole path, 0.0 for direct
         transfer (``steps="auto"`` chooses per task); None for a task not made by HyperFlow integration."""
         return self._meta.get("integration_time")
+
+    @property
+    def domain_distance(self) -> float | None:
+        """How far the support set lay from the domains the drift network was trained on
+        (:mod:`hf_hyperflow.domain_reference`; beyond the adapter's ``domain_gate`` the task keeps direct transfer,
+        ``integration_time`` 0.0); None where the adapter has no domain reference."""
+        return self._meta.get("domain_distance")
 
     @torch.no_grad()
     def embed(self, images) -> torch.Tensor:
@@ -185,8 +193,7 @@ class AdaptedTask:
             "backbone_model_type": self._meta["backbone_model_type"],
             "backbone_fingerprint": self._meta["backbone_fingerprint"],
             "feature_size": int(self.prototypes.shape[1]),
-            **{key: self._meta.get(key) for key in ("source_adapter", "source_adapter_revision", "support_size",
-                                                    "base_model", "integration_time")},
+            **{key: self._meta.get(key) for key in TASK_PROVENANCE},
         }
         (directory / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         self.image_processor.save_pretrained(str(directory))

@@ -42,7 +42,7 @@ TRACKERS = ("tensorboard", "trackio")
 ADAPTER_FIELDS = ("groups", "r", "lora_alpha", "target_modules", "shift_modules", "exclude_modules",
                   "first_adapted_block", "integrator", "steps", "hidden_size", "time_embedding_size",
                   "module_embedding_size", "output_rank", "state_projection_size", "statistics_size", "image_size",
-                  "init_seed", "stopping", "stopping_points")
+                  "init_seed", "stopping", "stopping_points", "domain_gate")
 EPISODE_SHAPE = ("protocol", "ways", "shots", "queries", "max_ways", "max_support")
 # Backbones that can be written to a folder offline (hf_hyperflow.pretrained).
 BACKBONE_BUILDERS = ("efficientnet_lite0",)

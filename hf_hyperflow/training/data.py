@@ -25,7 +25,7 @@ from .config import DatasetSection, TrainConfig, dataset_name, episode_shape
 from .losses import UnrolledInputs
 
 __all__ = ["step_sample_ids", "step_episode_ids", "seeds", "EpisodeMix", "Source", "load_source",
-           "prepare_sources", "make_sampler", "entry_transform", "row_key", "LoadedEpisode", "episode_loader",
+           "prepare_sources", "load_sources", "make_sampler", "entry_transform", "row_key", "LoadedEpisode", "episode_loader",
            "unrolled_inputs"]
 
 
@@ -153,15 +153,14 @@ def prepare_sources(config: TrainConfig, accelerator, output_dir: Path,
             with accelerator.main_process_first():
                 if accelerator.is_main_process and not Path(entry.source).exists():
                     data_builders[entry.builder].build(entry.source)
-        dataset, label_column = load_source(entry, key)
-        class_split = _class_split(entry, dataset, label_column, key)
+        source = _source(entry, key)
+        class_split = source.class_split
         needs_train = config.losses.unrolled > 0 or config.flow.generate is not None
         if needs_train and not class_split.train:
             raise ValueError(f"{key}.class_split: the train split has no classes.")
         if config.validation.episodes > 0 and not class_split.validation:
             raise ValueError(f"{key}.class_split: the validation split has no classes (needed for validation "
                              f"episodes; or set validation.episodes: 0).")
-        source = Source(dataset_name(entry), entry, dataset, label_column, class_split)
         source.class_split_file = output_dir / "class_splits" / f"{source.name}.json"
         sources.append(source)
     if accelerator.is_main_process:
@@ -170,6 +169,16 @@ def prepare_sources(config: TrainConfig, accelerator, output_dir: Path,
             source.class_split.save(source.class_split_file)
     accelerator.wait_for_everyone()
     return sources
+
+
+def load_sources(config: TrainConfig) -> list[Source]:
+    """Every dataset of a config with its class split, as meta-training sees them (nothing built or written)."""
+    return [_source(entry, f"datasets[{k}]") for k, entry in enumerate(config.datasets)]
+
+
+def _source(entry: DatasetSection, key: str) -> Source:
+    dataset, label_column = load_source(entry, key)
+    return Source(dataset_name(entry), entry, dataset, label_column, _class_split(entry, dataset, label_column, key))
 
 
 def _grey_then(transform, images):
