@@ -30,13 +30,15 @@ from benchmarks.validation import check_source_flags, validation_domains  # noqa
 
 
 def path_record(adapter, support, labels, query, query_labels, steps: int | None = None) -> dict:
-    """``{"loss": [K+1 floats or None], "loo_accuracy": [the same], "accuracy": [K+1 floats]}``: the support's
-    leave-one-out loss and accuracy, and the query accuracy, at every step k = 0..K of one task's path
-    (``support: Tensor[S, 3, H, W]``, ``labels: LongTensor[S]``, ``query: Tensor[Q, 3, H, W]``; K = ``steps``,
-    default the adapter's)."""
+    """``{"loss": [K+1 floats or None], "loo_accuracy": [the same], "accuracy": [K+1 floats], "domain_distance":
+    float or None}``: the support's leave-one-out loss and accuracy, and the query accuracy, at every step k = 0..K
+    of one task's path (``support: Tensor[S, 3, H, W]``, ``labels: LongTensor[S]``, ``query: Tensor[Q, 3, H, W]``;
+    K = ``steps``, default the adapter's), and the support's distance to the training domains (None for an adapter
+    without a domain reference)."""
     import torch
 
     from hf_hyperflow.backbones import embed
+    from hf_hyperflow.domain_reference import statistics_vector
     from hf_hyperflow.heads import class_prototypes
     from hf_hyperflow.prefix import skip_prefix
     from hf_hyperflow.state import HEAD_KEY
@@ -46,6 +48,8 @@ def path_record(adapter, support, labels, query, query_labels, steps: int | None
     sizes, classes = [labels.shape[0]], int(labels.max()) + 1
     with torch.no_grad():
         features0, statistics, prefix, output = adapter._first_pass(support, labels, sizes, [classes])
+        distance = None if adapter.domain_reference is None or statistics is None else float(
+            adapter.domain_reference.distance(statistics_vector(statistics, drift.modules_order))[0])
         encoding = drift.encode_tasks(features0, labels, sizes, [classes], statistics)
         path = drift.integrate(encoding, steps, method=adapter.config.integrator, return_path=True)
         # the queries' frozen prefix runs once (a backbone without a cacheable prefix runs whole every time)
@@ -69,7 +73,7 @@ def path_record(adapter, support, labels, query, query_labels, steps: int | None
             losses.append(None if judged is None else float(torch.nn.functional.cross_entropy(*judged)))
             hits.append(None if judged is None else float((judged[0].argmax(-1) == judged[1]).float().mean()))
             accuracies.append(float((predicted == query_labels.cpu()).float().mean()))
-    return {"loss": losses, "loo_accuracy": hits, "accuracy": accuracies}
+    return {"loss": losses, "loo_accuracy": hits, "accuracy": accuracies, "domain_distance": distance}
 
 
 def record_source(adapter, name: str, dataset, sampler_kwargs: dict, episodes: int, seed: int, output: Path,
@@ -102,9 +106,16 @@ def choose(record: dict, rule: dict) -> tuple[int, int]:
     Among the rule's ``points`` (step indices, 0 first), the smallest loss after adding ``margin`` (plus
     ``relative`` times the loss at 0) to every point but 0, the earliest on ties; the last point when the task
     cannot be judged (loss None). A ``lazy`` rule judges the end of the path first and the points between only
-    when the end's loss is not below ``1 - accept`` times the loss at 0.
+    when the end's loss is not below ``1 - accept`` times the loss at 0. A rule with a ``gate`` keeps 0 (no adapted
+    pass) where the support's domain distance exceeds it.
     """
     points, losses = rule["points"], record["loss"]
+    if rule["gate"] is not None:
+        if record.get("domain_distance") is None:
+            raise ValueError(f"rule {rule['text']!r} gates on the support's domain distance, which these records lack: "
+                             "record them again with an adapter that has a domain reference.")
+        if record["domain_distance"] > rule["gate"]:
+            return 0, 0
     if losses[0] is None or rule["end"]:
         return points[-1], 1
     if rule["by_accuracy"]:  # the highest leave-one-out accuracy; ties to the lower loss, or to the earlier point
@@ -152,10 +163,15 @@ def parse_rule(text: str) -> dict:
     ``"0,4,8^0.1"``: a margin of 10% of the loss at 0 times the point's time t; a ``lazy:`` prefix judges the end
     first (``lazy:0,4,8~0.2``: accepted outright when 20% below the loss at 0); ``acc:0,4,8``: the highest
     leave-one-out accuracy, ties to the lower loss (``acce:``: to the earlier point); ``"end"``: fixed steps, always
-    the end of the path.
+    the end of the path; a ``>2.2`` suffix (``"0,4,8>2.2"``, ``"end>2.2"``) keeps direct transfer where the
+    support's domain distance exceeds 2.2 (the adapter's ``domain_gate``).
     """
     rule = {"text": text, "points": [0, -1], "margin": 0.0, "relative": 0.0, "lazy": False, "accept": 0.0,
-            "per_time": 0.0, "end": text == "end", "by_accuracy": None}
+            "per_time": 0.0, "end": False, "by_accuracy": None, "gate": None}
+    if ">" in text:
+        text, gate = text.split(">")
+        rule["gate"] = float(gate)
+    rule["end"] = text == "end"
     if rule["end"]:  # fixed steps: always the end of the path
         return rule
     rule["by_accuracy"] = {"acc:": "loss", "acce:": "earliest"}.get(text[: text.find(":") + 1]) if ":" in text else None

@@ -181,6 +181,61 @@ def test_adapt_many_in_chunks_equals_one_by_one():
             assert_same_math(batched.logits(x), adapter.adapt(images, labels).logits(x))
 
 
+# ------------------------------------------------------------------------------------------------ domain gate
+def gated_adapter(gate: float | None):
+    """A tiny adapter reading module statistics, with a domain reference fitted on four random tasks."""
+    from hf_hyperflow.domain_reference import DomainReference, statistics_vector
+
+    adapter = make_adapter("timm_wrapper", first_adapted_block=-1, statistics_size=3, domain_gate=gate)
+    vectors = []
+    for seed in range(10, 14):
+        images, labels = support(seed)
+        _, statistics = adapter.task_inputs(images, labels, [len(labels)], [WAYS])
+        vectors.append(statistics_vector(statistics, adapter.drift.modules_order))
+    adapter.domain_reference = DomainReference.fit({"random": torch.cat(vectors)})
+    return adapter
+
+
+@pytest.mark.parametrize("stopping", ["fixed", "auto"])
+def test_domain_gate_keeps_direct_transfer_beyond_it(stopping):
+    """Tasks farther than the gate get theta_0 (direct transfer's logits, integration_time 0); nearer ones are
+    adapted as without a gate; each task reports its distance, alone or in a batch."""
+    adapter = gated_adapter(None)
+    x = queries()
+    tasks = [support(1), support(2, ways=2, shots=3), support(3)]
+    ungated = adapter.adapt_many(tasks, stopping=stopping)
+    distances = [task.domain_distance for task in ungated]
+    assert all(d > 0 for d in distances) and len(set(distances)) == 3
+    adapter.config.domain_gate = sorted(distances)[1]  # the farthest task only is beyond it
+    gated = adapter.adapt_many(tasks, stopping=stopping)
+    for (images, labels), before, after in zip(tasks, ungated, gated, strict=True):
+        assert after.domain_distance == pytest.approx(before.domain_distance)
+        if before.domain_distance > adapter.config.domain_gate:
+            assert after.integration_time == 0.0
+            assert_same_math(after.logits(x), adapter.direct_transfer(images, labels).logits(x))
+        else:
+            assert after.integration_time == before.integration_time
+            assert_same_math(after.logits(x), before.logits(x))
+    adapter.config.domain_gate = min(distances) / 2  # every task beyond: no integration at all
+    for (images, labels), task in zip(tasks, adapter.adapt_many(tasks, stopping=stopping), strict=True):
+        assert task.integration_time == 0.0
+        assert_same_math(task.logits(x), adapter.direct_transfer(images, labels).logits(x))
+
+
+def test_domain_reference_is_saved_and_loaded_with_the_adapter(tmp_path):
+    adapter = gated_adapter(0.5)
+    adapter.save_pretrained(tmp_path / "gated")
+    loaded = HyperFlowAdapter.from_pretrained(make_backbone("timm_wrapper"), tmp_path / "gated")
+    assert loaded.config.domain_gate == 0.5 and loaded.domain_reference.sources == ["random"]
+    torch.testing.assert_close(loaded.domain_reference.centres, adapter.domain_reference.centres, rtol=0, atol=0)
+    images, labels = support(1)
+    assert loaded.adapt(images, labels).domain_distance == pytest.approx(adapter.adapt(images, labels).domain_distance)
+    (tmp_path / "gated" / "domain_reference.safetensors").unlink()
+    with pytest.warns(UserWarning, match="domain_gate=0.5 but holds no domain_reference.safetensors"):
+        bare = HyperFlowAdapter.from_pretrained(make_backbone("timm_wrapper"), tmp_path / "gated")
+    assert bare.domain_reference is None and bare.adapt(images, labels).domain_distance is None
+
+
 # ------------------------------------------------------------------------------------------------ files
 def test_adapter_for_another_backbone(adapter, tmp_path):
     adapter.save_pretrained(tmp_path / "vit-adapter")

@@ -183,6 +183,18 @@ def test_path_study(setting):
     assert abs(100 * sum(r["accuracy"][0] for r in records) / 2 - dt["digits (outside training)"]["dt"]["accuracy"]) < 1e-3
     with pytest.raises(AssertionError, match="--outside-training names no --source"):
         run("path_study.py", *common, "--outside-training", "digits")
+    # a rule with a domain gate keeps t = 0 beyond it; records of an adapter without a domain reference cannot say
+    assert all(r["domain_distance"] is None for r in records)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.path_study import choose, parse_rule
+
+    near = {"loss": [1.0, 0.5], "loo_accuracy": [0.5, 1.0], "accuracy": [0.2, 0.9], "domain_distance": 1.0}
+    far = {**near, "domain_distance": 3.0}
+    assert choose(near, parse_rule("0,1>2.2")) == (1, 1) and choose(far, parse_rule("0,1>2.2")) == (0, 0)
+    assert choose(near, parse_rule("end>2.2")) == choose(near, parse_rule("end"))
+    assert choose(far, parse_rule("end>2.2")) == (0, 0)
+    with pytest.raises(ValueError, match="record them again with an adapter that has a domain reference"):
+        choose({**near, "domain_distance": None}, parse_rule("0,1>2.2"))
 
 
 def test_paired_runs():

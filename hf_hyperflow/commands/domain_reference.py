@@ -51,7 +51,8 @@ def run_domain_reference(settings: DomainReferenceConfig):
 
     config = load_config(settings.config)
     folder = Path(settings.adapter)
-    backbone = AutoModel.from_pretrained(config.backbone.path).eval()
+    # a run on a randomly initialised backbone wrote it into the run folder
+    backbone = AutoModel.from_pretrained(config.backbone.path or Path(config.output_dir) / "backbone").eval()
     adapter = HyperFlowAdapter.from_pretrained(backbone, folder)
     adapter.domain_reference = fit_domain_reference(adapter, config, settings.episodes, settings.seed)
     if settings.gate is None:
