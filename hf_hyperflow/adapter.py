@@ -548,6 +548,8 @@ class HyperFlowAdapter:
             steps=config.steps,
             stopping=config.stopping,
             stopping_points=config.stopping_points,
+            domain_gate=config.domain_gate if self.domain_reference is not None else None,
+            domain_sources=self.domain_reference.sources if self.domain_reference is not None else [],
             drift_parameters=parameters,
             drift_bytes=sum(t.numel() * t.element_size() for t in self.drift.state_dict().values()),
             training_config=dict(training_config or {}),

@@ -164,6 +164,9 @@ class AdapterCardData:
             set classifies itself best); None leaves it out.
         stopping_points: how many evenly spaced points of the path ``"auto"`` judges (2: t = 0 and 1); shown
             only with ``"auto"``.
+        domain_gate: the distance to the training sources beyond which a task keeps direct transfer
+            (:mod:`hf_hyperflow.domain_reference`); None: every task is integrated.
+        domain_sources: the training sources of the domain reference.
         drift_parameters / drift_bytes: size of the drift network (parameter count; bytes on disk).
         training_config: the meta-training configuration, shown as YAML.
         training_datasets: datasets the drift network was trained on (metadata ``datasets``).
@@ -189,6 +192,8 @@ class AdapterCardData:
     steps: int | None = None
     stopping: str | None = None
     stopping_points: int | None = None
+    domain_gate: float | None = None
+    domain_sources: list[str] = field(default_factory=list)
     drift_parameters: int | None = None
     drift_bytes: int | None = None
     training_config: dict = field(default_factory=dict)
@@ -210,6 +215,11 @@ class AdapterCardData:
         check_str_list(self.groups, "groups")
         check_str_list(self.training_datasets, "training_datasets")
         check_str_list(self.tags, "tags")
+        check_str_list(self.domain_sources, "domain_sources")
+        if self.domain_gate is not None and (isinstance(self.domain_gate, bool) or
+                                             not isinstance(self.domain_gate, (int, float)) or
+                                             not self.domain_gate > 0):
+            raise ValueError(f"domain_gate must be a number > 0 or None, got {self.domain_gate!r}.")
         if self.target_modules is not None and not isinstance(self.target_modules, str):
             check_str_list(self.target_modules, "target_modules")
         _check_positive(self, "feature_size", "lora_rank", "steps", "drift_parameters", "drift_bytes")
@@ -258,6 +268,8 @@ def render_adapter_card(card_data: AdapterCardData) -> ModelCard:
         steps=d.steps,
         stopping=d.stopping,
         stopping_times=_stopping_times(d.steps, d.stopping_points) if d.stopping == "auto" else None,
+        domain_gate=d.domain_gate,
+        domain_sources=", ".join(d.domain_sources) if d.domain_sources else None,
         drift_parameters=f"{d.drift_parameters:,}" if d.drift_parameters else None,
         drift_size=format_bytes(d.drift_bytes) if d.drift_bytes else None,
         training_config=yaml.safe_dump(dict(d.training_config), sort_keys=False).strip() if d.training_config else None,

@@ -144,3 +144,12 @@ def test_adapter_card_states_the_stopping_rule(stopping, points, expected):
         assert "| Stopping |" not in text
     else:
         assert expected in text
+
+
+def test_adapter_card_states_the_domain_gate():
+    text = str(render_adapter_card(card_data(domain_gate=2.2, domain_sources=["glyphs", "emoji"])))
+    assert "| Domain gate | direct transfer (t = 0) for a support set farther than 2.2 from every training source " \
+           "(glyphs, emoji)" in text
+    assert "| Domain gate |" not in str(render_adapter_card(card_data()))
+    with pytest.raises(ValueError, match="domain_gate must be a number > 0 or None"):
+        card_data(domain_gate=0)

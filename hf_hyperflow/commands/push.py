@@ -139,6 +139,7 @@ def build_adapter_card_data(folder: Path, repo_id: str, args: PushConfig) -> Ada
         steps=_first(config, "steps", "num_steps"),
         stopping=config.get("stopping"),
         stopping_points=config.get("stopping_points"),
+        **_domain_gate(folder, config),
         drift_parameters=parameters or None,
         drift_bytes=size or None,
         training_config=training_config,
@@ -149,6 +150,16 @@ def build_adapter_card_data(folder: Path, repo_id: str, args: PushConfig) -> Ada
         plot_path=plot_path,
         tags=args.tags,
     )
+
+
+def _domain_gate(folder: Path, config: dict) -> dict:
+    """The card's domain gate and its sources: only where the folder holds the reference the gate measures against."""
+    from ..domain_reference import DomainReference
+
+    reference = DomainReference.load_if_present(folder) if config.get("domain_gate") is not None else None
+    if reference is None:
+        return {}
+    return {"domain_gate": config["domain_gate"], "domain_sources": reference.sources}
 
 
 def build_task_card_data(folder: Path, repo_id: str, args: PushConfig) -> TaskCardData:
