@@ -628,7 +628,7 @@ class HyperFlowAdapter:
         model = attach_adapter_checked(backbone, config, tensors, weights)
         model.base_model.drift.requires_grad_(False)
         adapter = cls(model, image_processor=processor)
-        adapter.domain_reference = DomainReference.load_if_present(folder)
+        adapter.domain_reference = DomainReference.load_if_present(folder, config.backbone_fingerprint)
         if config.domain_gate is not None and adapter.domain_reference is None:
             warnings.warn(f"{pretrained} sets domain_gate={config.domain_gate} but holds no {DOMAIN_REFERENCE_FILE}: "
                           "every task is integrated. Fit one with recipes/domain_reference.py.", stacklevel=2)

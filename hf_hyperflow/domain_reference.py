@@ -49,15 +49,18 @@ class DomainReference:
         centres: ``Tensor[K, F]``, the mean statistics vector of each source's episodes.
         spreads: ``Tensor[K, F]``, their standard deviation, floored (:data:`SPREAD_FLOOR`).
         episodes: episodes per source the reference was fitted on.
+        backbone_fingerprint: content fingerprint of the backbone whose module inputs were measured (the
+            statistics at theta_0 depend on the backbone only); None if unknown.
     """
 
     sources: list[str]
     centres: torch.Tensor
     spreads: torch.Tensor
     episodes: int
+    backbone_fingerprint: str | None = None
 
     @classmethod
-    def fit(cls, statistics: Mapping[str, torch.Tensor]) -> DomainReference:
+    def fit(cls, statistics: Mapping[str, torch.Tensor], backbone_fingerprint: str | None = None) -> DomainReference:
         """From ``source name -> Tensor[E, F]`` (the statistics vectors of E >= 2 episodes of that source).
 
         Raises:
@@ -75,7 +78,7 @@ class DomainReference:
         pooled = torch.cat(list(values.values())).std(0)
         centres = torch.stack([v.mean(0) for v in values.values()])
         spreads = torch.stack([v.std(0) for v in values.values()]) + SPREAD_FLOOR * pooled + 1e-6
-        return cls(list(values), centres, spreads, min(len(v) for v in values.values()))
+        return cls(list(values), centres, spreads, min(len(v) for v in values.values()), backbone_fingerprint)
 
     def distance(self, vectors: torch.Tensor) -> torch.Tensor:
         """``Tensor[T]``: each task's distance to the nearest source (mean capped squared z-score).
@@ -91,8 +94,10 @@ class DomainReference:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``path`` (safetensors with its checksum; source names and episode count in the metadata)."""
-        save_safetensors({"centres": self.centres, "spreads": self.spreads}, path,
-                         {"format": "pt", "sources": json.dumps(self.sources), "episodes": str(self.episodes)})
+        metadata = {"format": "pt", "sources": json.dumps(self.sources), "episodes": str(self.episodes)}
+        if self.backbone_fingerprint is not None:
+            metadata["backbone_fingerprint"] = self.backbone_fingerprint
+        save_safetensors({"centres": self.centres, "spreads": self.spreads}, path, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DomainReference:
@@ -113,10 +118,24 @@ class DomainReference:
         if centres.shape != spreads.shape or centres.ndim != 2 or centres.shape[0] != len(sources):
             raise ValueError(f"{path} holds centres {list(centres.shape)} and spreads {list(spreads.shape)} for "
                              f"{len(sources)} sources: fit it again with recipes/domain_reference.py.")
-        return cls(list(sources), centres, spreads, episodes)
+        return cls(list(sources), centres, spreads, episodes, metadata.get("backbone_fingerprint"))
 
     @classmethod
-    def load_if_present(cls, folder: str | os.PathLike) -> DomainReference | None:
-        """The reference saved in an adapter folder, None where the folder has none."""
+    def load_if_present(cls, folder: str | os.PathLike, backbone_fingerprint: str | None = None
+                        ) -> DomainReference | None:
+        """The reference saved in an adapter folder, None where the folder has none.
+
+        Raises:
+            ValueError: besides :meth:`load`'s, a reference measured on another backbone than
+                ``backbone_fingerprint`` (the adapter's).
+        """
         path = Path(folder) / DOMAIN_REFERENCE_FILE
-        return cls.load(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        reference = cls.load(path)
+        if None not in (backbone_fingerprint, reference.backbone_fingerprint) and \
+                reference.backbone_fingerprint != backbone_fingerprint:
+            raise ValueError(f"{path} was measured on another backbone (fingerprint {reference.backbone_fingerprint}) "
+                             f"than the adapter's ({backbone_fingerprint}): fit it again with "
+                             "recipes/domain_reference.py.")
+        return reference

@@ -89,3 +89,11 @@ def test_a_damaged_or_foreign_file_is_refused(tmp_path):
     save_safetensors({"centres": torch.zeros(2, 3)}, path)
     with pytest.raises(ValueError, match="not a domain reference"):
         DomainReference.load(path)
+
+
+def test_a_reference_of_another_backbone_is_refused(tmp_path):
+    reference = DomainReference.fit(two_sources(), backbone_fingerprint="aaaa")
+    reference.save(tmp_path / DOMAIN_REFERENCE_FILE)
+    assert DomainReference.load_if_present(tmp_path, "aaaa").backbone_fingerprint == "aaaa"
+    with pytest.raises(ValueError, match=r"another backbone \(fingerprint aaaa\) than the adapter's \(bbbb\)"):
+        DomainReference.load_if_present(tmp_path, "bbbb")

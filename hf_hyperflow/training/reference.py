@@ -44,4 +44,4 @@ def fit_domain_reference(adapter, config: TrainConfig, episodes: int = 300, seed
     for k, source in enumerate(load_sources(config)):
         sampler = make_sampler(source, config, "train", seed + 104729 * k, episodes, None, f"datasets[{k}]")
         statistics[source.name] = support_statistics(adapter, sampler, episodes, source.name if progress else None)
-    return DomainReference.fit(statistics)
+    return DomainReference.fit(statistics, adapter.config.backbone_fingerprint)
