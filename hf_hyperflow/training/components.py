@@ -102,6 +102,7 @@ def build_adapter(config: TrainConfig, backbone: torch.nn.Module) -> HyperFlowAd
     if config.adapter.pretrained is not None:
         adapter = HyperFlowAdapter.from_pretrained(backbone, config.adapter.pretrained)
         adapter.config.inference_mode = False
+        adapter.domain_reference = None  # meta-training integrates every task, near its sources or not
     else:
         adapter = HyperFlowAdapter(backbone, HyperFlowConfig(**config.adapter.settings()))
     adapter.backbone.requires_grad_(False)
