@@ -54,5 +54,10 @@ def test_recipe_writes_the_reference_and_gate_into_a_trained_adapter(tmp_path, s
     adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(tmp_path / "run" / "backbone"), final)
     assert adapter.config.domain_gate == 1.5 and adapter.domain_reference.sources == ["synthetic"]
     assert adapter.domain_reference.episodes == 3
+    # meta-training on from this adapter integrates every task: the gate is for adapting, not for training
+    from hf_hyperflow.training.components import build_adapter
+
+    again = config_from_dict({**data, "output_dir": str(tmp_path / "again"), "adapter": {"pretrained": str(final)}})
+    assert build_adapter(again, AutoModel.from_pretrained(tmp_path / "run" / "backbone")).domain_reference is None
     with pytest.raises(SystemExit, match="--episodes must be >= 2"):
         main(["--config", str(tmp_path / "config.yaml"), "--adapter", str(final), "--episodes", "1"])
