@@ -307,6 +307,9 @@ def test_push_card_data_states_the_stopping_points_and_gate_of_the_shipped_adapt
                                                                        base_model="efficientnet-lite0"))
     assert (data.stopping, data.stopping_points) == ("auto", 3)
     assert data.domain_gate == 2.2 and data.domain_sources[:2] == ["glyphs", "emoji"]
+    from hf_hyperflow.commands.push import safetensors_size
+
+    assert (data.drift_parameters, data.drift_bytes) == safetensors_size([folder / "adapter_model.safetensors"])
 
 
 @pytest.mark.parametrize("argv, message", [

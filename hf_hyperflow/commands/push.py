@@ -113,7 +113,11 @@ def build_adapter_card_data(folder: Path, repo_id: str, args: PushConfig) -> Ada
                 training_config = _read_mapping(folder / name)
                 break
     datasets = args.datasets or [d for d in training_config.get("datasets") or [] if isinstance(d, str)]
-    parameters, size = safetensors_size(sorted(folder.glob("*.safetensors")))
+    from ..domain_reference import DOMAIN_REFERENCE_FILE
+
+    # the drift network's weights; the domain reference beside them is not part of it
+    parameters, size = safetensors_size([p for p in sorted(folder.glob("*.safetensors"))
+                                         if p.name != DOMAIN_REFERENCE_FILE])
     results = load_results(args.results) if args.results else None
     plot_path = None
     if args.plot:
