@@ -111,6 +111,8 @@ class Outcome:
     probabilities: object
     seconds: float
     peak_bytes: int
+    integration_time: float | None = None
+    domain_distance: float | None = None
 
 
 def run_method(name: str, adapt, queries: list) -> Outcome:
@@ -121,7 +123,20 @@ def run_method(name: str, adapt, queries: list) -> Outcome:
     task = adapt()
     seconds = time.perf_counter() - start
     peak = measure_peak_memory(adapt)
-    return Outcome(name, list(task.classes), task.predict_proba(queries), seconds, peak)
+    return Outcome(name, list(task.classes), task.predict_proba(queries), seconds, peak, task.integration_time,
+                   task.domain_distance)
+
+
+def hyperflow_detail(config, outcome: Outcome) -> str:
+    """What the HyperFlow heading adds: how far the task was integrated, or why it kept direct transfer (its images
+    lie beyond the adapter's domain gate)."""
+    gate, distance = config.domain_gate, outcome.domain_distance
+    if gate is not None and distance is not None and distance > gate:
+        return (f" (kept direct transfer: these images lie outside the domains the adapter was trained on, distance "
+                f"{distance:.2f} > {gate:g})")
+    reached = outcome.integration_time
+    stopped = f", stopped at t = {reached:g}" if reached is not None and reached < 1 else ""
+    return f" ({config.steps} {config.integrator} steps{stopped})"
 
 
 def steps_to_show(steps: int) -> list[int]:
@@ -234,7 +249,7 @@ class Demo:
             plot, along = gr.update(visible=True, value=accuracy_figure(accuracies)), accuracy_text(accuracies)
         status = f"Adapted to {len(set(labels))} classes from {len(images)} images; {len(files)} query images classified."
         table = gr.update(value=predictions_table(files, [hyperflow, direct], truth), visible=True)
-        return (status, stats_markdown(hyperflow, truth, f" ({config.steps} {config.integrator} steps)"),
+        return (status, stats_markdown(hyperflow, truth, hyperflow_detail(config, hyperflow)),
                 stats_markdown(direct, truth), table, query_cards(files, truth, [hyperflow, direct]), plot, along)
 
     def load_example(self, name: str, seed: int):

@@ -77,6 +77,20 @@ def test_steps_shown_along_the_path():
     assert app.steps_to_show(1) == [0, 1]
 
 
+def test_the_hyperflow_heading_says_how_far_the_task_was_adapted():
+    config = HyperFlowConfig(steps=4, statistics_size=4, domain_gate=2.2)
+
+    def outcome(time, distance):
+        return app.Outcome("HyperFlow", ["a"], None, 0.1, 1, integration_time=time, domain_distance=distance)
+
+    assert app.hyperflow_detail(config, outcome(1.0, 1.3)) == " (4 euler steps)"
+    assert app.hyperflow_detail(config, outcome(0.5, 1.3)) == " (4 euler steps, stopped at t = 0.5)"
+    assert app.hyperflow_detail(config, outcome(0.0, 2.61)) == (
+        " (kept direct transfer: these images lie outside the domains the adapter was trained on, distance 2.61 > 2.2)")
+    config.domain_gate = None
+    assert app.hyperflow_detail(config, outcome(0.0, 2.61)) == " (4 euler steps, stopped at t = 0)"
+
+
 def test_missing_default_adapter_says_which_setting(tmp_path, monkeypatch, lite0):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="set HYPERFLOW_ADAPTER"):
