@@ -208,6 +208,10 @@ class HyperFlowAdapter:
                 classifies itself best (leave-one-out; t=0 is direct transfer): see ``task.integration_time``.
             stopping: ``"fixed"`` (integrate to t=1) or ``"auto"`` (as ``steps="auto"``), replacing the config's
                 stopping rule; None keeps it.
+
+        With a domain reference (:attr:`domain_reference`, saved with the adapter) and the config's ``domain_gate``,
+        a support set farther than the gate from every training source keeps direct transfer whatever the steps and
+        stopping (``task.integration_time == 0.0``; ``task.domain_distance`` says how far it lay).
         """
         return self.adapt_many([(support_images, support_labels, classes)], steps=steps, integrator=integrator,
                                stopping=stopping)[0]
