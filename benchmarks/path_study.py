@@ -38,7 +38,6 @@ def path_record(adapter, support, labels, query, query_labels, steps: int | None
     import torch
 
     from hf_hyperflow.backbones import embed
-    from hf_hyperflow.domain_reference import statistics_vector
     from hf_hyperflow.heads import class_prototypes
     from hf_hyperflow.prefix import skip_prefix
     from hf_hyperflow.state import HEAD_KEY
@@ -48,8 +47,7 @@ def path_record(adapter, support, labels, query, query_labels, steps: int | None
     sizes, classes = [labels.shape[0]], int(labels.max()) + 1
     with torch.no_grad():
         features0, statistics, prefix, output = adapter._first_pass(support, labels, sizes, [classes])
-        distance = None if adapter.domain_reference is None or statistics is None else float(
-            adapter.domain_reference.distance(statistics_vector(statistics, drift.modules_order))[0])
+        distances, _ = adapter._domain_distances(statistics)
         encoding = drift.encode_tasks(features0, labels, sizes, [classes], statistics)
         path = drift.integrate(encoding, steps, method=adapter.config.integrator, return_path=True)
         # the queries' frozen prefix runs once (a backbone without a cacheable prefix runs whole every time)
@@ -73,7 +71,8 @@ def path_record(adapter, support, labels, query, query_labels, steps: int | None
             losses.append(None if judged is None else float(torch.nn.functional.cross_entropy(*judged)))
             hits.append(None if judged is None else float((judged[0].argmax(-1) == judged[1]).float().mean()))
             accuracies.append(float((predicted == query_labels.cpu()).float().mean()))
-    return {"loss": losses, "loo_accuracy": hits, "accuracy": accuracies, "domain_distance": distance}
+    return {"loss": losses, "loo_accuracy": hits, "accuracy": accuracies,
+            "domain_distance": None if distances is None else distances[0]}
 
 
 def record_source(adapter, name: str, dataset, sampler_kwargs: dict, episodes: int, seed: int, output: Path,

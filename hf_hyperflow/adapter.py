@@ -279,7 +279,8 @@ class HyperFlowAdapter:
             encoding = drift.encode_tasks(task_features, labels, sizes, num_classes, module_statistics)
         distances, outside = self._domain_distances(module_statistics)
         if outside is not None and bool(outside.all()):  # no task is integrated: direct transfer, no adapted pass
-            return self._gated_batch(encoding, task_features, labels, sizes, num_classes, distances)
+            return self._batch(drift.initial_state(encoding), encoding, task_features, labels, sizes, num_classes,
+                               [0.0] * len(sizes), distances)
         # Where the rule can judge no task, it would keep the end of the path for every one: no other points to pass.
         auto = (stopping or self.config.stopping) == "auto" and any_task_judged(labels, sizes)
         points = candidate_steps(steps, self.config.stopping_points) if auto else None
@@ -305,11 +306,10 @@ class HyperFlowAdapter:
             state, times = path, [1.0] * len(sizes)
             features = support_features([state])[0] if adapts else task_features
         if outside is not None and bool(outside.any()):  # those tasks keep theta_0: direct transfer
-            start = drift.initial_state(encoding)
-            state = TaskState.cat([(start if out else state).select(i) for i, out in enumerate(outside.tolist())])
-            features = torch.cat([(task_features if out else features).split(sizes)[i]
-                                  for i, out in enumerate(outside.tolist())])
-            times = [0.0 if out else time for out, time in zip(outside.tolist(), times, strict=True)]
+            start, gated = drift.initial_state(encoding), outside.tolist()
+            state = TaskState.cat([(start if out else state).select(i) for i, out in enumerate(gated)])
+            features = torch.cat([(task_features if out else features).split(sizes)[i] for i, out in enumerate(gated)])
+            times = [0.0 if out else time for out, time in zip(gated, times, strict=True)]
         return self._batch(state, encoding, features, labels, sizes, num_classes, times, distances)
 
     def _domain_distances(self, module_statistics: dict | None) -> tuple[list[float] | None, torch.Tensor | None]:
@@ -321,12 +321,6 @@ class HyperFlowAdapter:
         distances = self.domain_reference.distance(vectors)
         gate = self.config.domain_gate
         return distances.tolist(), (distances > gate if gate is not None else None)
-
-    def _gated_batch(self, encoding: TaskEncoding, task_features: torch.Tensor, labels: torch.Tensor,
-                     sizes: list[int], num_classes: list[int], distances: list[float]) -> TaskBatch:
-        """Every task beyond the domain gate: theta_0 (t = 0), the support's frozen features."""
-        return self._batch(self.drift.initial_state(encoding), encoding, task_features, labels, sizes, num_classes,
-                           [0.0] * len(sizes), distances)
 
     def _batch(self, state: TaskState, encoding: TaskEncoding, features: torch.Tensor, labels: torch.Tensor,
                sizes: list[int], num_classes: list[int], times: list[float],

@@ -216,10 +216,8 @@ class AdapterCardData:
         check_str_list(self.training_datasets, "training_datasets")
         check_str_list(self.tags, "tags")
         check_str_list(self.domain_sources, "domain_sources")
-        if self.domain_gate is not None and (isinstance(self.domain_gate, bool) or
-                                             not isinstance(self.domain_gate, (int, float)) or
-                                             not self.domain_gate > 0):
-            raise ValueError(f"domain_gate must be a number > 0 or None, got {self.domain_gate!r}.")
+        if self.domain_gate is not None:
+            check_number(self.domain_gate, "domain_gate", 0.0, strict_low=True)
         if self.target_modules is not None and not isinstance(self.target_modules, str):
             check_str_list(self.target_modules, "target_modules")
         _check_positive(self, "feature_size", "lora_rank", "steps", "drift_parameters", "drift_bytes")

@@ -151,5 +151,5 @@ def test_adapter_card_states_the_domain_gate():
     assert "| Domain gate | direct transfer (t = 0) for a support set farther than 2.2 from every training source " \
            "(glyphs, emoji)" in text
     assert "| Domain gate |" not in str(render_adapter_card(card_data()))
-    with pytest.raises(ValueError, match="domain_gate must be a number > 0 or None"):
+    with pytest.raises(ValueError, match=r"domain_gate must be a number > 0.0, got 0"):
         card_data(domain_gate=0)
