@@ -12,6 +12,7 @@ the head delta) -> an :class:`~hf_hyperflow.task.AdaptedTask`.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import tempfile
 import warnings
@@ -43,7 +44,15 @@ from .inputs import (
     to_pixel_values,
 )
 from .io import add_checksum, attach_adapter_checked, load_safetensors_checked, read_json_checked
-from .prefix import FrozenPrefix, Uncacheable, block_output_sizes, cat_leaves, image_range, skip_prefix
+from .prefix import (
+    FrozenPrefix,
+    Uncacheable,
+    block_output_sizes,
+    cat_leaves,
+    image_range,
+    select_images,
+    skip_prefix,
+)
 from .results import save_results_plot
 from .state import HEAD_KEY, TaskState
 from .stopping import any_task_judged, candidate_steps, choose_point, leave_one_out_loss
@@ -289,11 +298,16 @@ class HyperFlowAdapter:
                                    path_steps=points)
 
         adapts = bool(set(self.config.groups) & {"lora", "shift"})
+        gated = outside.tolist() if outside is not None and bool(outside.any()) else None
 
         def support_features(states: list[TaskState]) -> list[torch.Tensor]:
-            """The support at the given points of the path (after t = 0), all in one pass."""
+            """The support at the given points of the path (after t = 0), all in one pass; tasks beyond the gate
+            keep their frozen features without one, where this call runs its own passes."""
             with record_function("hyperflow.adapted_pass"):
-                return self._adapted_features(pixel_values, states, sizes, prefix, prefix_output, own_passes)
+                if gated is None or not own_passes:
+                    return self._adapted_features(pixel_values, states, sizes, prefix, prefix_output, own_passes)
+                return self._adapted_features_of_some(pixel_values, states, sizes, prefix, prefix_output,
+                                                      task_features, [not out for out in gated])
 
         if auto:
             later = support_features(path[1:]) if adapts else [task_features] * (len(path) - 1)
@@ -305,8 +319,8 @@ class HyperFlowAdapter:
         else:
             state, times = path, [1.0] * len(sizes)
             features = support_features([state])[0] if adapts else task_features
-        if outside is not None and bool(outside.any()):  # those tasks keep theta_0: direct transfer
-            start, gated = drift.initial_state(encoding), outside.tolist()
+        if gated is not None:  # those tasks keep theta_0: direct transfer
+            start = drift.initial_state(encoding)
             state = TaskState.cat([(start if out else state).select(i) for i, out in enumerate(gated)])
             features = torch.cat([(task_features if out else features).split(sizes)[i] for i, out in enumerate(gated)])
             times = [0.0 if out else time for out, time in zip(gated, times, strict=True)]
@@ -461,6 +475,24 @@ class HyperFlowAdapter:
                                              sizes[first:last], prefix, kept))
             first, start = last, stop
         return [torch.cat(parts) for parts in zip(*features, strict=True)]
+
+    def _adapted_features_of_some(self, pixel_values: torch.Tensor, states: list[TaskState], sizes: list[int],
+                                  prefix: FrozenPrefix | None, prefix_output, frozen: torch.Tensor,
+                                  passed: list[bool]) -> list[torch.Tensor]:
+        """:meth:`_adapted_features` (in groups) of the tasks where ``passed`` is True; the others' rows are their
+        ``frozen`` features (``Tensor[N, D]``), with no pass."""
+        kept = [i for i, keep in enumerate(passed) if keep]
+        starts = [0, *itertools.accumulate(sizes)]
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in kept]).to(pixel_values.device)
+        kept_output = None if prefix_output is None else select_images(prefix_output, rows, pixel_values.shape[0])
+        adapted = self._adapted_features(pixel_values.index_select(0, rows), [s.select(kept) for s in states],
+                                         [sizes[i] for i in kept], prefix, kept_output, True)
+        results = []
+        for features in adapted:
+            parts, kept_parts = list(frozen.split(sizes)), iter(features.split([sizes[i] for i in kept]))
+            results.append(torch.cat([next(kept_parts) if keep else part
+                                      for keep, part in zip(passed, parts, strict=True)]))
+        return results
 
     def _joint_pass(self, pixel_values: torch.Tensor, states: list[TaskState], sizes: list[int],
                     prefix: FrozenPrefix | None, prefix_output) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ from tolerances import assert_same_math
 from hf_hyperflow import AdaptedTask, HyperFlowAdapter, HyperFlowConfig
 from hf_hyperflow.backbones import embed
 from hf_hyperflow.prefix import innermost_blocks
+from hf_hyperflow.stopping import candidate_steps
 from hf_hyperflow.tuner.layer import HyperFlowLayer
 
 WAYS = 3  # random_support's default
@@ -207,7 +208,15 @@ def test_domain_gate_keeps_direct_transfer_beyond_it(stopping):
     distances = [task.domain_distance for task in ungated]
     assert all(d > 0 for d in distances) and len(set(distances)) == 3
     adapter.config.domain_gate = sorted(distances)[1]  # the farthest task only is beyond it
+    passed = []
+    joint_pass = adapter._joint_pass
+    adapter._joint_pass = lambda images, states, *rest: (passed.append(images.shape[0] * len(states))
+                                                         or joint_pass(images, states, *rest))
     gated = adapter.adapt_many(tasks, stopping=stopping)
+    del adapter._joint_pass
+    near = sum(len(labels) for (_, labels), d in zip(tasks, distances, strict=True) if d <= adapter.config.domain_gate)
+    points = len(candidate_steps(adapter.config.steps, adapter.config.stopping_points)) - 1 if stopping == "auto" else 1
+    assert sum(passed) == near * points  # the adapted passes leave the far task out
     for (images, labels), before, after in zip(tasks, ungated, gated, strict=True):
         assert after.domain_distance == pytest.approx(before.domain_distance)
         if before.domain_distance > adapter.config.domain_gate:
