@@ -5,11 +5,12 @@
     hf-hyperflow train --config FILE [--section.key VALUE ...]
     hf-hyperflow evaluate --backbone DIR_OR_ID --adapter DIR_OR_ID --datasets "[PATH, ...]" --output DIR [...]
     hf-hyperflow push --folder DIR --repo_id NAMESPACE/NAME [...]
+    hf-hyperflow domain-reference --config TRAINING_CONFIG --adapter DIR [--gate DISTANCE] [...]
     hf-hyperflow data build --name NAME --output DIR  |  hf-hyperflow data list
 
 ``FOLDER`` holds one subfolder of images per class (``FOLDER/cat/1.jpg``, ``FOLDER/dog/2.png``...). train,
-evaluate and push take the options of recipes/train.py, recipes/evaluate.py and recipes/push.py (values read as
-YAML; ``COMMAND --help`` lists them). Errors in what was given (a folder that cannot be a task, a missing file, an
+evaluate, push and domain-reference take the options of recipes/train.py, recipes/evaluate.py, recipes/push.py and
+recipes/domain_reference.py (values read as YAML; ``COMMAND --help`` lists them). Errors in what was given (a folder that cannot be a task, a missing file, an
 unreadable image) print one line, ``hf-hyperflow: error: ...``, and exit with status 1; a wrong command line
 (an unknown option or key, a bad value) exits with status 2.
 """
@@ -103,11 +104,14 @@ CONFIG_COMMANDS = {
                  "Evaluate direct transfer, fine-tuning and HyperFlow on the same seeded episodes."),
     "push": ("push an adapter or task folder to the Hub with its model card",
              "Render the model card of a saved adapter or task folder and push the folder to the Hub."),
+    "domain-reference": ("fit the domain gate's reference of a trained adapter into its folder",
+                         "Fit the domain reference of a trained adapter (support statistics of its training "
+                         "sources' episodes) into its folder; --gate sets its domain_gate too."),
 }
 
 
 def _add_config_commands(commands) -> None:
-    """train / evaluate / push: their options are the fields of a draccus config (hf_hyperflow.commands), parsed
+    """train / evaluate / push / domain-reference: their options are the fields of a draccus config (hf_hyperflow.commands), parsed
     by :func:`run_config_command`, not by argparse."""
     for name, (short, description) in CONFIG_COMMANDS.items():
         parser = commands.add_parser(name, help=short, description=description, add_help=False)
@@ -270,6 +274,10 @@ def _parse_config_command(name: str, options: list[str]):
         from .commands.evaluate import EvaluateConfig
 
         return parse(EvaluateConfig, options, prog=prog)
+    if name == "domain-reference":
+        from .commands.domain_reference import DomainReferenceConfig
+
+        return parse(DomainReferenceConfig, options, prog=prog)
     from .commands.push import PushConfig
 
     return parse(PushConfig, options, prog=prog)
@@ -320,8 +328,16 @@ def _push(config) -> int:
     return 0
 
 
+def _domain_reference(config) -> int:
+    """Fit the reference into the adapter folder; one line."""
+    from .commands.domain_reference import describe, run_domain_reference
+
+    print(describe(run_domain_reference(config), config.adapter))
+    return 0
+
+
 def config_command(name: str, options: list[str]):
-    """What ``hf-hyperflow train|evaluate|push OPTIONS`` will do (a callable returning the exit status), or the
+    """What ``hf-hyperflow train|evaluate|push|domain-reference OPTIONS`` will do (a callable returning the exit status), or the
     exit status of a wrong command line (2, usage and error printed) or of a finished one (``--print_config``)."""
     try:
         config = _parse_config_command(name, options)
@@ -336,7 +352,7 @@ def config_command(name: str, options: list[str]):
         return 0
     if name == "evaluate":
         return lambda: _evaluate(config, options)
-    return lambda: (_train if name == "train" else _push)(config)
+    return lambda: {"train": _train, "push": _push, "domain-reference": _domain_reference}[name](config)
 
 
 def _one_line(error: BaseException) -> str:

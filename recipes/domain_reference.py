@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_hyperflow.commands.domain_reference import DomainReferenceConfig, run_domain_reference  # noqa: E402
+from hf_hyperflow.commands.domain_reference import DomainReferenceConfig, describe, run_domain_reference  # noqa: E402
 from hf_hyperflow.parsing import parse  # noqa: E402
 
 
@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                          prog="recipes/domain_reference.py")
     except (ValueError, TypeError) as error:
         raise SystemExit(f"error: {error}") from None
-    reference = run_domain_reference(settings)
-    print(f"Wrote the domain reference of {len(reference.sources)} sources ({', '.join(reference.sources)}; "
-          f"{reference.episodes} episodes each) into {settings.adapter}")
+    print(describe(run_domain_reference(settings), settings.adapter))
     return 0
 
 

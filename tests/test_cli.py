@@ -152,7 +152,8 @@ def test_predict_errors(setup, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["--help"], ["adapt", "--help"], ["predict", "--help"], ["data", "--help"],
                                   ["data", "build", "--help"], ["data", "list", "--help"], ["--version"],
-                                  ["train", "--help"], ["evaluate", "--help"], ["push", "-h"]])
+                                  ["train", "--help"], ["evaluate", "--help"], ["push", "-h"],
+                                  ["domain-reference", "--help"]])
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as exited:
         main(argv)
@@ -164,6 +165,7 @@ def test_help_everywhere(argv, capsys):
     ("train", ["--config FILE", "--training.max_steps INT", "--datasets[].source STR", "--resume BOOL | STR"]),
     ("evaluate", ["--episodes_per_method DICT[STR, INT]", "--methods LIST[STR]", "--steps_sweep LIST[INT]"]),
     ("push", ["--folder STR", "--repo_id STR", "--card_only BOOL"]),
+    ("domain-reference", ["--config STR", "--adapter STR", "--episodes INT", "--gate FLOAT | NONE"]),
 ])
 def test_config_commands_list_every_option_with_its_help(name, options, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -323,6 +325,8 @@ def test_push_card_data_states_the_stopping_points_and_gate_of_the_shipped_adapt
      "Unknown key 'episode'; the keys of the top level are ['backbone'"),
     (["evaluate", "--backbone", "b", "--output", "o"], "--datasets is missing"),
     (["push", "--folder", "f"], "Give the folder and the repo: --folder OUTPUT_DIR --repo_id namespace/name."),
+    (["domain-reference", "--adapter", "a"], "--config is required."),
+    (["domain-reference", "--config", "c", "--adapter", "a", "--gate", "0"], "--gate must be > 0, got 0"),
 ])
 def test_config_command_usage_errors_exit_2(argv, message, capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])

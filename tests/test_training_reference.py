@@ -4,6 +4,7 @@ recipes/domain_reference.py into the adapter's folder."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -61,3 +62,32 @@ def test_recipe_writes_the_reference_and_gate_into_a_trained_adapter(tmp_path, s
     assert build_adapter(again, AutoModel.from_pretrained(tmp_path / "run" / "backbone")).domain_reference is None
     with pytest.raises(SystemExit, match="--episodes must be >= 2"):
         main(["--config", str(tmp_path / "config.yaml"), "--adapter", str(final), "--episodes", "1"])
+    # the same through the hf-hyperflow command
+    from hf_hyperflow.cli import main as cli
+
+    assert cli(["domain-reference", "--config", str(tmp_path / "config.yaml"), "--adapter", str(final),
+                "--episodes", "4"]) == 0
+    loaded = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(tmp_path / "run" / "backbone"), final)
+    assert loaded.domain_reference.episodes == 4 and loaded.config.domain_gate == 1.5
+
+
+def test_a_run_with_a_domain_gate_saves_the_reference_with_its_adapters(tmp_path, synthetic_dataset):
+    """The reference depends on the frozen backbone and the datasets only: fitted once at the end of the run, it is
+    saved with final/ and best/, which then load and gate without a separate step."""
+    from transformers import AutoModel
+
+    data = tiny_train_config(tmp_path / "run", synthetic_dataset, **{
+        "adapter.statistics_size": 3, "adapter.domain_gate": 1.5, "domain_reference.episodes": 3,
+        "domain_reference.seed": 4, "losses.flow": 0.0, "flow.generate": None, "training.max_steps": 2})
+    config = config_from_dict(data)
+    result = train(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a gate without its reference would warn
+        adapters = [HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(tmp_path / "run" / "backbone"), folder)
+                    for folder in (result.final_dir, result.best_dir)]
+    expected = fit_domain_reference(adapters[0], config, episodes=3, seed=4, progress=False)
+    for adapter in adapters:
+        assert adapter.config.domain_gate == 1.5 and adapter.domain_reference.episodes == 3
+        torch.testing.assert_close(adapter.domain_reference.centres, expected.centres)
+    with pytest.raises(ValueError, match="domain_reference.episodes must be an integer >= 2"):
+        config_from_dict({**data, "domain_reference": {"episodes": 1}})

@@ -2,7 +2,10 @@
 :class:`DomainReferenceConfig` and :func:`run_domain_reference`.
 
     python recipes/domain_reference.py --config TRAINING_CONFIG.yaml --adapter ADAPTER_DIR [--episodes 300]
-        [--seed 1] [--gate 2.2]
+        [--seed 1] [--gate 2.2]          (or: hf-hyperflow domain-reference with the same options)
+
+A run whose adapter has a ``domain_gate`` fits its reference at the end by itself (``TrainConfig.domain_reference``);
+this command is for an adapter trained without one, or to fit it again.
 
 The reference (``domain_reference.safetensors``, :mod:`hf_hyperflow.domain_reference`) holds, per training source
 of the config, the centre and spread of the support statistics of its train-class episodes. With ``--gate`` the
@@ -19,11 +22,13 @@ from pathlib import Path
 
 from ..parsing import option
 
-__all__ = ["DomainReferenceConfig", "run_domain_reference"]
+__all__ = ["DomainReferenceConfig", "run_domain_reference", "describe"]
 
 
 @dataclass
 class DomainReferenceConfig:
+    """Fit the domain reference of a trained adapter into its folder (and, with ``gate``, set its domain_gate)."""
+
     config: str = option("The training config (YAML) the adapter was meta-trained with: its sources and splits.")
     adapter: str = option("The adapter folder (HyperFlowAdapter.save_pretrained); the reference is written into it.")
     episodes: int = option("Train-class episodes per source.", 300)
@@ -64,3 +69,9 @@ def run_domain_reference(settings: DomainReferenceConfig):
         for name in ("adapter_config.json", "adapter_model.safetensors", DOMAIN_REFERENCE_FILE):
             shutil.copyfile(Path(saved) / name, folder / name)
     return adapter.domain_reference
+
+
+def describe(reference, folder) -> str:
+    """One line saying what was written where."""
+    return (f"Wrote the domain reference of {len(reference.sources)} sources ({', '.join(reference.sources)}; "
+            f"{reference.episodes} episodes each) into {folder}")

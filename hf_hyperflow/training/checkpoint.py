@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..domain_reference import DOMAIN_REFERENCE_FILE
 from ..fingerprint import tensors_fingerprint
 from ..io import load_safetensors_checked, read_json_checked, save_safetensors
 
@@ -229,14 +230,17 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(temporary, path)
 
 
-def save_adapter(adapter, folder: Path, training_config: dict, metrics: dict) -> None:
-    """A HyperFlowAdapter folder with ``training_config.json`` and ``metrics.json``, written beside ``folder`` and
-    swapped in: until the new folder is whole the old one stays (a process killed between the two renames leaves
-    it as ``.old-<name>``, which :func:`recover_swapped_folders` puts back)."""
+def save_adapter(adapter, folder: Path, training_config: dict, metrics: dict, domain_reference=None) -> None:
+    """A HyperFlowAdapter folder with ``training_config.json`` and ``metrics.json`` (and ``domain_reference``'s
+    file, when given), written beside ``folder`` and swapped in: until the new folder is whole the old one stays (a
+    process killed between the two renames leaves it as ``.old-<name>``, which :func:`recover_swapped_folders` puts
+    back)."""
     temporary, old = folder.with_name(f".tmp-{folder.name}"), folder.with_name(f".old-{folder.name}")
     if temporary.exists():
         shutil.rmtree(temporary)
     adapter.save_pretrained(temporary)
+    if domain_reference is not None:
+        domain_reference.save(temporary / DOMAIN_REFERENCE_FILE)
     write_json(temporary / "training_config.json", training_config)
     write_json(temporary / "metrics.json", metrics)
     if folder.exists():

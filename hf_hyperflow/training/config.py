@@ -31,7 +31,8 @@ from ..parsing import decode, option, parse
 
 __all__ = [
     "TrainConfig", "BackboneSection", "AdapterSection", "DatasetSection", "EpisodeShape", "EpisodesSection",
-    "LossesSection", "UnrolledSection", "FlowSection", "GenerateSection", "ValidationSection", "OptimizerSection",
+    "LossesSection", "UnrolledSection", "FlowSection", "GenerateSection", "ValidationSection",
+    "DomainReferenceSection", "OptimizerSection",
     "RunSection", "load_config", "config_from_dict", "dataset_name", "episode_shape",
 ]
 
@@ -329,6 +330,20 @@ class ValidationSection:
 
 
 @dataclass
+class DomainReferenceSection:
+    """The domain reference fitted at the end of a run whose adapter has a ``domain_gate``
+    (:mod:`hf_hyperflow.domain_reference`): support statistics of train-class episodes of every dataset, saved with
+    the final and best adapters."""
+
+    episodes: int = option("Train-class episodes per dataset.", 300)
+    seed: int = option("Seed of the episodes.", 1)
+
+    def check(self, key: str = "domain_reference") -> None:
+        check_int(self.episodes, f"{key}.episodes", 2)
+        check_int(self.seed, f"{key}.seed", 0)
+
+
+@dataclass
 class OptimizerSection:
     """AdamW on the drift network and a transformers learning-rate schedule."""
 
@@ -412,6 +427,8 @@ class TrainConfig:
     unrolled: UnrolledSection = option("Integration of the unrolled loss.", UnrolledSection)
     flow: FlowSection = option("The flow-matching loss.", FlowSection)
     validation: ValidationSection = option("Validation episodes.", ValidationSection)
+    domain_reference: DomainReferenceSection = option("The domain reference saved with an adapter that has a "
+                                                      "domain_gate.", DomainReferenceSection)
     optimizer: OptimizerSection = option("AdamW and its schedule.", OptimizerSection)
     training: RunSection = option("Steps, batch sizes, precision, checkpoints, logging.", RunSection)
 
@@ -429,8 +446,8 @@ class TrainConfig:
         if not self.output_dir:
             raise ValueError("output_dir is missing: set the folder where checkpoints and the adapter are written.")
         check_int(self.seed, "seed", 0)
-        for name in ("backbone", "adapter", "episodes", "losses", "unrolled", "flow", "validation", "optimizer",
-                     "training"):
+        for name in ("backbone", "adapter", "episodes", "losses", "unrolled", "flow", "validation",
+                     "domain_reference", "optimizer", "training"):
             getattr(self, name).check(name)
         self._check_datasets(data_builders)
         if self.losses.flow > 0 and not self.flow.trajectories and self.flow.generate is None:

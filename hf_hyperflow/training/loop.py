@@ -21,6 +21,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from ..checks import check_int
+from ..domain_reference import DOMAIN_REFERENCE_FILE, DomainReference
 from ..inputs import PixelTransform
 from ..prefix import PrefixCache
 from ..registry import data_builders as data_builders_of_entry_points
@@ -46,6 +47,7 @@ from .data import (
     unrolled_inputs,
 )
 from .losses import DriftObjective, flow_inputs
+from .reference import fit_domain_reference
 from .trajectory_pool import TrajectoryPool, generate_trajectories
 from .validation import validate
 
@@ -339,6 +341,16 @@ class _Run:
                 "trajectories": len(pool) if pool is not None else 0,
                 "validations": state["validations"], "history": state["history"]}
 
+    def _domain_reference(self) -> DomainReference | None:
+        """The reference an adapter with a ``domain_gate`` needs to gate (None without a gate). It depends on the
+        frozen backbone and the datasets, not on the drift network: one fit serves the final and best adapters."""
+        if self.adapter.config.domain_gate is None:
+            return None
+        section = self.config.domain_reference
+        tqdm.write(f"domain reference: {section.episodes} train-class episodes per dataset")
+        return fit_domain_reference(self.adapter, self.config, section.episodes, section.seed,
+                                    progress=self.accelerator.is_local_main_process)
+
     def finish(self) -> TrainResult:
         """The end of this call: the drift networks of all ranks compared, the final adapter and metrics."""
         accelerator, step, output_dir = self.accelerator, self.state["step"], self.output_dir
@@ -350,11 +362,14 @@ class _Run:
         final_dir = output_dir / "final" if step == self.config.training.max_steps else None
         if accelerator.is_main_process:  # final/ last: its presence says the run is finished
             write_json(output_dir / "metrics.json", metrics)
+            reference = self._domain_reference() if final_dir is not None else None
             if not self.validation_samplers and final_dir is not None:
                 save_adapter(self.adapter, output_dir / "best", self.config.to_dict(),
-                             {**metrics, "step": step, "validation": None})
+                             {**metrics, "step": step, "validation": None}, reference)
+            elif reference is not None and (output_dir / "best").is_dir():
+                reference.save(output_dir / "best" / DOMAIN_REFERENCE_FILE)
             if final_dir is not None:
-                save_adapter(self.adapter, final_dir, self.config.to_dict(), {**metrics, "step": step})
+                save_adapter(self.adapter, final_dir, self.config.to_dict(), {**metrics, "step": step}, reference)
         accelerator.wait_for_everyone()
         if self.config.training.report_to:
             accelerator.end_training()
