@@ -7,7 +7,8 @@ classes of the meta-training sources, at several image sizes and numbers of adap
         --lrs 1e-4,1e-3,1e-2 --episodes 12 --output benchmarks/teacher_study
 
 A source is ``NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]`` (5-way; default 5 shots, 15 queries); its validation
-classes come from ``ClassSplit.from_dataset(dataset, group_column=GROUP_COLUMN, seed=0)``. Every variant runs
+classes come from ``ClassSplit.from_dataset(dataset, group_column=GROUP_COLUMN, seed=0)``; ``--outside-training
+NAME`` marks a source held out of meta-training as a whole, whose episodes draw from every class. Every variant runs
 at every lr on the same seeded episodes as direct transfer (50 Adam steps, the P>M>F protocol). The lr of a
 variant is chosen on the first half of the episodes and its paired gain over dt is reported on the second
 half, so the reported figure is not the maximum over the grid. Pseudo-queries come from a pool of augmented
@@ -54,13 +55,15 @@ def make_adapter(backbone, size: int, first_block: int):
                                                       first_adapted_block=first_block))
 
 
-def episodes_for(source: dict, count: int, seed: int):
+def episodes_for(source: dict, count: int, seed: int, outside_training: bool = False):
+    """The source's validation classes; every class of a source ``outside_training`` (no training source covers it)."""
     from hf_hyperflow.episodes import ClassSplit, EpisodeSampler, load_image_dataset
 
     dataset = load_image_dataset(source["path"])
-    split = ClassSplit.from_dataset(dataset, group_column=source["group_column"], seed=0)
+    split = None if outside_training else ClassSplit.from_dataset(dataset, group_column=source["group_column"], seed=0)
     sampler = EpisodeSampler(dataset, protocol="fixed", ways=5, shots=source["shots"], queries=source["queries"],
-                             split="validation", class_split=split, num_episodes=count, seed=seed)
+                             split=None if outside_training else "validation", class_split=split,
+                             num_episodes=count, seed=seed)
     return [sampler[i] for i in range(count)]
 
 
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="pseudo-queries drawn from N augmented copies of the support (0: augment anew each step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/teacher_study"))
+    parser.add_argument("--outside-training", action="append", default=[], metavar="NAME",
+                        help="a --source held out of meta-training as a whole: episodes over every class")
     args = parser.parse_args(argv)
     import torch
     from transformers import AutoModel
@@ -137,13 +142,16 @@ def main(argv: list[str] | None = None) -> None:
     log = args.output / "records.jsonl"
     records = load_records(log)
     sources = [parse_source(s) for s in args.source]
+    unknown = sorted(set(args.outside_training) - {source["name"] for source in sources})
+    if unknown:
+        raise SystemExit(f"error: --outside-training names no --source: {unknown}")
     lrs = [float(x) for x in args.lrs.split(",")]
     torch.manual_seed(args.seed)
     for size in (int(x) for x in args.sizes.split(",")):
         for first_block in (int(x) for x in args.first_blocks.split(",")):
             adapter = make_adapter(AutoModel.from_pretrained(args.backbone).eval(), size, first_block)
             for source in sources:
-                episodes = episodes_for(source, args.episodes, args.seed)
+                episodes = episodes_for(source, args.episodes, args.seed, source["name"] in args.outside_training)
                 cells = [("dt", None)] + [(v, lr) for v in args.variants.split(",") for lr in lrs]
                 for variant, lr in cells:
                     key = (source["name"], size, first_block, variant, lr)

@@ -262,9 +262,11 @@ def test_scaling(setting):
 def test_teacher_study(setting):
     output = setting["root"] / "teacher_study"
     run("teacher_study.py", "--backbone", setting["run"] / "efficientnet-lite0", "--source",
-        f"glyphs={setting['data'] / 'glyphs_default'}:script", "--sizes", 32, "--first-blocks", -1, "--variants",
-        "shift", "--lrs", "1e-3", "--episodes", 2, "--steps", 1, "--output", output)
-    assert (output / "README.md").is_file()
+        f"glyphs={setting['data'] / 'glyphs_default'}:script", "--source",
+        f"held_out={setting['data'] / 'glyphs_default'}:script", "--outside-training", "held_out", "--sizes", 32,
+        "--first-blocks", -1, "--variants", "shift", "--lrs", "1e-3", "--episodes", 2, "--steps", 1, "--output", output)
+    readme = (output / "README.md").read_text()
+    assert "| glyphs | 32 | 1 | shift |" in readme and "| held_out | 32 | 1 | shift |" in readme
 
 
 def test_training_benchmark(setting):
