@@ -8,7 +8,8 @@ classes of the meta-training sources, at several image sizes and numbers of adap
 
 A source is ``NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]`` (5-way; default 5 shots, 15 queries); its validation
 classes come from ``ClassSplit.from_dataset(dataset, group_column=GROUP_COLUMN, seed=0)``; ``--outside-training
-NAME`` marks a source held out of meta-training as a whole, whose episodes draw from every class. Every variant runs
+NAME`` marks a source held out of meta-training as a whole, whose episodes draw from every class with enough
+images. Every variant runs
 at every lr on the same seeded episodes as direct transfer (50 Adam steps, the P>M>F protocol). The lr of a
 variant is chosen on the first half of the episodes and its paired gain over dt is reported on the second
 half, so the reported figure is not the maximum over the grid. Pseudo-queries come from a pool of augmented
@@ -63,6 +64,7 @@ def episodes_for(source: dict, count: int, seed: int, outside_training: bool = F
     split = None if outside_training else ClassSplit.from_dataset(dataset, group_column=source["group_column"], seed=0)
     sampler = EpisodeSampler(dataset, protocol="fixed", ways=5, shots=source["shots"], queries=source["queries"],
                              split=None if outside_training else "validation", class_split=split,
+                             min_images_per_class=source["shots"] + source["queries"] if outside_training else None,
                              num_episodes=count, seed=seed)
     return [sampler[i] for i in range(count)]
 
