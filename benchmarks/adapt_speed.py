@@ -3,9 +3,12 @@ its peak memory against full fine-tuning, and tasks per second of ``adapt_many``
 
     taskset -c 1 python benchmarks/adapt_speed.py --label after [--sizes 64,128] [--tasks 1,2,4,8,16,32,64]
         [--episodes 20] [--repeats 5] [--data data] [--output benchmarks/adapt_speed.md]
+        [--adapter adapters/efficientnet_lite0 --dataset digits]
 
 EfficientNet-Lite0 (ImageNet weights) with the shipped adapter settings (benchmarks/speed_setup.py), 5-way
-5-shot episodes of glyphs_default (all classes), one torch thread. Latency and memory come from
+5-shot episodes of glyphs_default (all classes), one torch thread. ``--adapter`` measures a trained adapter
+instead (its weights, stopping rule and domain gate; ``--sizes`` its image size), ``--dataset`` another dataset of
+``--data`` (e.g. one whose tasks the gate keeps at direct transfer). Latency and memory come from
 :class:`hf_hyperflow.evaluation.Evaluator` (dt, hyperflow and ft-full one after the other on each episode; peak
 memory from a profiled run of the first episode; ft-full: 50 Adam steps at lr 1e-4, its lr in
 benchmarks/RESULTS.md). Throughput from ``Evaluator.batched_throughput`` (one by one, then batched, on the same
@@ -41,13 +44,13 @@ from benchmarks.speed_setup import (
 FT_FULL_LR = 1e-4
 
 
-def latency_and_memory(adapter, dataset, episodes: int) -> dict:
+def latency_and_memory(adapter, dataset, episodes: int, name: str = "glyphs_default") -> dict:
     """hyperflow's adaptation latency / dt's and peak memory / ft-full's (and the values behind them)."""
     from hf_hyperflow.evaluation import Evaluator
 
     evaluator = Evaluator(adapter, ["dt", "hyperflow", "ft-full"], fixed_lr={"ft-full": FT_FULL_LR},
                           memory_episodes=1, progress=False)
-    methods = evaluator.evaluate_dataset("glyphs_default", dataset, episodes=episodes,
+    methods = evaluator.evaluate_dataset(name, dataset, episodes=episodes,
                                          episodes_per_method={"ft-full": 1},
                                          sampler_kwargs={"protocol": "fixed", "ways": 5, "shots": 5, "queries": 15,
                                                          "split": None})["methods"]
@@ -64,12 +67,13 @@ def latency_and_memory(adapter, dataset, episodes: int) -> dict:
 def markdown(results: dict) -> str:
     lines = ["# Adaptation speed and memory: ratios measured within one run", "",
              "Written by benchmarks/adapt_speed.py; each label is one run of it (its command, code and load below).",
-             f"EfficientNet-Lite0, {settings_description()}, 5-way 5-shot episodes of glyphs_default, one torch "
-             "thread.", ""]
+             f"EfficientNet-Lite0, {settings_description()} (random drift outputs) unless a label names a trained "
+             "adapter, 5-way 5-shot episodes of glyphs_default unless it names another dataset, one torch thread.", ""]
     labels = list(results)
     for label, run in results.items():
+        what = "".join(f", {key} {run[key]}" for key in ("adapter", "dataset") if run.get(key))
         lines.append(f"- **{label}**: `{run['command']}` at commit {run['commit']} on {run['date']}, "
-                     f"{run['machine']}, load average {run['load']} at the start ({run['seconds']:.0f} s).")
+                     f"{run['machine']}, load average {run['load']} at the start ({run['seconds']:.0f} s){what}.")
     lines += ["", "| measure | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     sizes = sorted({size for run in results.values() for size in run["sizes"]}, key=int)
     for size in sizes:
@@ -106,20 +110,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", type=Path, default=Path("data"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/adapt_speed.md"))
+    parser.add_argument("--adapter", type=Path, help="a trained adapter folder instead of random drift outputs")
+    parser.add_argument("--dataset", default="glyphs_default", help="a dataset folder of --data")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started, load = time.perf_counter(), load_average()
-    dataset = load_image_dataset(args.data / "glyphs_default")
+    dataset = load_image_dataset(args.data / args.dataset)
     counts = [int(c) for c in args.tasks.split(",")]
     sizes = {}
     for size in args.sizes.split(","):
-        adapter = shipped_adapter(lite0_backbone(), int(size))
+        adapter = measured_adapter(args.adapter, int(size))
         tasks = support_tasks(adapter, dataset, max(counts))
         warm_up(adapter, tasks[0], ft_groups=("full",))
-        sizes[size] = {"latency": latency_and_memory(adapter, dataset, args.episodes),
+        sizes[size] = {"latency": latency_and_memory(adapter, dataset, args.episodes, args.dataset),
                        "throughput": throughput(adapter, tasks, counts, args.repeats)}
         print(size, json.dumps(sizes[size]), flush=True)
-    save_labelled_run(args.output, args.label, "adapt_speed.py", argv, started, load, markdown, sizes=sizes)
+    save_labelled_run(args.output, args.label, "adapt_speed.py", argv, started, load, markdown, sizes=sizes,
+                      adapter=str(args.adapter) if args.adapter else None, dataset=args.dataset)
+
+
+def measured_adapter(folder: Path | None, size: int):
+    """The shipped settings with random drift outputs, or the trained adapter in ``folder`` (at its image size)."""
+    if folder is None:
+        return shipped_adapter(lite0_backbone(), size)
+    from hf_hyperflow import HyperFlowAdapter
+
+    adapter = HyperFlowAdapter.from_pretrained(lite0_backbone(), folder)
+    if adapter.config.image_size != size:
+        raise SystemExit(f"error: {folder} adapts {adapter.config.image_size} px images; give --sizes "
+                         f"{adapter.config.image_size}")
+    return adapter
 
 
 if __name__ == "__main__":

@@ -78,6 +78,26 @@ def test_adapt_speed(setting):
     run("adapt_speed.py", "--label", "tiny", "--sizes", 32, "--tasks", "1,2", "--episodes", 1, "--repeats", 1,
         "--data", setting["data"], "--output", output, cwd=setting["root"])
     assert "tiny" in output.read_text()
+    # --adapter: a trained adapter folder (here an untrained one saved) at its own image size only
+    from transformers import AutoModel
+
+    from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from adapt_speed import markdown, measured_adapter
+    from speed_setup import shipped_settings
+
+    backbone = AutoModel.from_pretrained(setting["root"] / "models" / "efficientnet-lite0")
+    folder = setting["root"] / "lite0_adapter"
+    HyperFlowAdapter(backbone, HyperFlowConfig(**shipped_settings(), image_size=32, domain_gate=2.0)).save_pretrained(
+        folder)
+    with pytest.warns(UserWarning, match="no domain_reference"):
+        assert measured_adapter(folder, 32).config.domain_gate == 2.0
+        with pytest.raises(SystemExit, match="adapts 32 px images; give --sizes 32"):
+            measured_adapter(folder, 64)
+    runs = json.loads(output.with_suffix(".json").read_text())
+    runs["trained"] = {**runs["tiny"], "adapter": str(folder), "dataset": "digits"}
+    assert f"({runs['tiny']['seconds']:.0f} s), adapter {folder}, dataset digits." in markdown(runs)
 
 
 def test_page_faults(setting):
