@@ -206,12 +206,9 @@ def example_episode(data_dir: str | os.PathLike, name: str, seed: int):
     """A few-shot episode (``hf_hyperflow.episodes.Episode``) of example dataset ``name``, built offline into
     ``data_dir/name`` first when missing."""
     from hf_hyperflow.episodes import EpisodeSampler, load_image_dataset
+    from hf_hyperflow.registry import build_missing
 
-    folder = Path(data_dir) / name
-    if not folder.exists():
-        from hf_hyperflow.registry import data_builders
-
-        data_builders()[name].build(folder)
+    (folder,) = build_missing(data_dir, [name])
     dataset = load_image_dataset(folder)
     ways = min(MAX_CLASSES, dataset.features["label"].num_classes)
     return EpisodeSampler(dataset, ways=ways, shots=EXAMPLE_SHOTS, queries=EXAMPLE_QUERIES, seed=seed, split=None,

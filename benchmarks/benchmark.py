@@ -29,6 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.teacher_study import parse_source  # noqa: E402
+from hf_hyperflow.registry import build_missing  # noqa: E402
 
 SOURCES = ("glyphs=glyphs:script", "emoji=emoji:category:1:3", "wesnoth_units=wesnoth_units:race:2:3",
            "cataclysm_tiles=cataclysm_tiles:category:1:3")  # NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES], under --data
@@ -46,14 +47,6 @@ def out_of_domain(name: str) -> str:
     return f"{name} (out of domain)"
 
 
-def build_missing(data: Path, paths: list[str]) -> None:
-    """Build each dataset folder ``data / path`` that does not exist, with the registered builder of that name."""
-    from hf_hyperflow.registry import data_builders
-
-    for path in paths:
-        folder = data / path
-        if not folder.exists():
-            data_builders()[folder.name].build(folder)
 
 
 def _dataset(data: Path, path: str):

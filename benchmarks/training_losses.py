@@ -71,11 +71,9 @@ def quickstart_domains(run: Path, data: Path) -> dict[str, tuple]:
     class split), then digits and Fashion-MNIST (all classes); 5-way 5-shot 15-query episodes. Missing datasets
     are built into ``data`` first."""
     from hf_hyperflow.episodes import ClassSplit, load_image_dataset
-    from hf_hyperflow.registry import data_builders
+    from hf_hyperflow.registry import build_missing
 
-    for name in ("glyphs_default", "digits", "fashion_mnist"):
-        if not (data / name).exists():
-            data_builders()[name].build(data / name)
+    build_missing(data, ("glyphs_default", "digits", "fashion_mnist"))
     fixed = {"protocol": "fixed", "ways": 5, "shots": 5, "queries": 15}
     glyph_split = ClassSplit.load(run / "training" / "class_splits" / "glyphs_default.json")
     return {

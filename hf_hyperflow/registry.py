@@ -9,10 +9,12 @@ declares its recipes' builders (``recipes.data:BUILDERS``), which a source check
 
 from __future__ import annotations
 
+import os
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
-__all__ = ["ENTRY_POINT_GROUP", "data_builders"]
+__all__ = ["ENTRY_POINT_GROUP", "data_builders", "build_missing"]
 
 ENTRY_POINT_GROUP = "hf_hyperflow.data_builders"
 
@@ -36,3 +38,24 @@ def data_builders() -> Mapping[str, object]:
         raise LookupError(f"No dataset builders are installed (entry points {ENTRY_POINT_GROUP!r}{tried}). They come "
                           f"with the repository's recipes: install a source checkout with pip install -e .")
     return ChainMap(*mappings)
+
+
+def build_missing(data_dir: str | os.PathLike, names: Iterable[str],
+                  announce: Callable[[Path], None] | None = None) -> list[Path]:
+    """The folders ``data_dir / name``, each built first with the builder of its name (the folder's last part)
+    when it does not exist; ``announce(folder)`` is called before a build.
+
+    Raises:
+        LookupError: no builder of that name (or none installed).
+    """
+    folders = [Path(data_dir) / name for name in names]
+    for folder in folders:
+        if not folder.exists():
+            builders = data_builders()
+            if folder.name not in builders:
+                raise LookupError(f"{folder} does not exist and no dataset builder is named {folder.name!r}; known: "
+                                  f"{sorted(builders)}.")
+            if announce is not None:
+                announce(folder)
+            builders[folder.name].build(folder)
+    return folders

@@ -120,15 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_hyperflow import HyperFlowAdapter
     from hf_hyperflow.evaluation import machine_description
     from hf_hyperflow.pretrained import build_efficientnet_lite0
-    from hf_hyperflow.registry import data_builders
+    from hf_hyperflow.registry import build_missing
     from hf_hyperflow.results import results_markdown, write_outputs
 
     started = time.perf_counter()
     output, data = Path(args.output), Path(args.data)
-    for name in ("glyphs_default", "digits"):
-        if not (data / name).exists():
-            print(f"[quickstart] building {data / name}")
-            data_builders()[name].build(data / name)
+    build_missing(data, ("glyphs_default", "digits"), lambda folder: print(f"[quickstart] building {folder}"))
     backbone_dir = output / "efficientnet-lite0"
     if not (backbone_dir / "config.json").exists():
         build_efficientnet_lite0(backbone_dir)
