@@ -485,13 +485,15 @@ class HyperFlowAdapter:
         starts = [0, *itertools.accumulate(sizes)]
         rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in kept]).to(pixel_values.device)
         kept_output = None if prefix_output is None else select_images(prefix_output, rows, pixel_values.shape[0])
+        kept_sizes = [sizes[i] for i in kept]
         adapted = self._adapted_features(pixel_values.index_select(0, rows), [s.select(kept) for s in states],
-                                         [sizes[i] for i in kept], prefix, kept_output, True)
+                                         kept_sizes, prefix, kept_output, True)
+        frozen_parts = frozen.split(sizes)
         results = []
         for features in adapted:
-            parts, kept_parts = list(frozen.split(sizes)), iter(features.split([sizes[i] for i in kept]))
+            kept_parts = iter(features.split(kept_sizes))
             results.append(torch.cat([next(kept_parts) if keep else part
-                                      for keep, part in zip(passed, parts, strict=True)]))
+                                      for keep, part in zip(passed, frozen_parts, strict=True)]))
         return results
 
     def _joint_pass(self, pixel_values: torch.Tensor, states: list[TaskState], sizes: list[int],

@@ -10,9 +10,9 @@
 
 ``FOLDER`` holds one subfolder of images per class (``FOLDER/cat/1.jpg``, ``FOLDER/dog/2.png``...). train,
 evaluate, push and domain-reference take the options of recipes/train.py, recipes/evaluate.py, recipes/push.py and
-recipes/domain_reference.py (values read as YAML; ``COMMAND --help`` lists them). Errors in what was given (a folder that cannot be a task, a missing file, an
-unreadable image) print one line, ``hf-hyperflow: error: ...``, and exit with status 1; a wrong command line
-(an unknown option or key, a bad value) exits with status 2.
+recipes/domain_reference.py (values read as YAML; ``COMMAND --help`` lists them). Errors in what was given (a
+folder that cannot be a task, a missing file, an unreadable image) print one line, ``hf-hyperflow: error: ...``, and
+exit with status 1; a wrong command line (an unknown option or key, a bad value) exits with status 2.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ CONFIG_COMMANDS = {
 
 
 def _add_config_commands(commands) -> None:
-    """train / evaluate / push / domain-reference: their options are the fields of a draccus config (hf_hyperflow.commands), parsed
-    by :func:`run_config_command`, not by argparse."""
+    """train / evaluate / push / domain-reference: their options are the fields of a draccus config
+    (hf_hyperflow.commands), parsed by :func:`run_config_command`, not by argparse."""
     for name, (short, description) in CONFIG_COMMANDS.items():
         parser = commands.add_parser(name, help=short, description=description, add_help=False)
         parser.set_defaults(run=None, config_command=name)
@@ -337,8 +337,9 @@ def _domain_reference(config) -> int:
 
 
 def config_command(name: str, options: list[str]):
-    """What ``hf-hyperflow train|evaluate|push|domain-reference OPTIONS`` will do (a callable returning the exit status), or the
-    exit status of a wrong command line (2, usage and error printed) or of a finished one (``--print_config``)."""
+    """What ``hf-hyperflow train|evaluate|push|domain-reference OPTIONS`` will do (a callable returning the exit
+    status), or the exit status of a wrong command line (2, usage and error printed) or of a finished one
+    (``--print_config``)."""
     try:
         config = _parse_config_command(name, options)
     except (ValueError, TypeError, FileNotFoundError) as error:
