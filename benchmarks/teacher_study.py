@@ -10,7 +10,8 @@ A source is ``NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]`` (5-way; default 5 shots, 
 classes come from ``ClassSplit.from_dataset(dataset, group_column=GROUP_COLUMN, seed=0)``; ``--outside-training
 NAME`` marks a source held out of meta-training as a whole, whose episodes draw from every class with enough
 images. Every variant runs
-at every lr on the same seeded episodes as direct transfer (50 Adam steps, the P>M>F protocol). The lr of a
+at every lr on the same seeded episodes as direct transfer (50 Adam steps, the P>M>F protocol; other ``--steps``
+or ``--optimizer sgd``, plain gradient steps, are rows of their own, e.g. ``lora+shift, sgd x1``). The lr of a
 variant is chosen on the first half of the episodes and its paired gain over dt is reported on the second
 half, so the reported figure is not the maximum over the grid. Pseudo-queries come from a pool of augmented
 copies of the support (``--augment-pool``, as the trajectory teacher records them), so that the frozen prefix
@@ -45,8 +46,25 @@ def load_records(path: Path) -> dict[tuple, dict]:
     if path.exists():
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            records[(row["source"], row["size"], row["first_block"], row["variant"], row["lr"])] = row
+            records[record_key(row["source"], row["size"], row["first_block"], row["variant"], row["lr"],
+                               row.get("steps", 50), row.get("optimizer", "adam"))] = row
     return records
+
+
+def record_key(source: str, size: int, first_block: int, variant: str, lr: float | None, steps: int,
+               optimizer: str) -> tuple:
+    """What a record measured; direct transfer's (``variant == "dt"``) does not depend on the steps or optimizer."""
+    if variant == "dt":
+        return source, size, first_block, variant, None, None, None
+    return source, size, first_block, variant, lr, steps, optimizer
+
+
+def cell_label(variant: str, steps: int | None, optimizer: str | None) -> str:
+    """The variant as the summary names it: ``lora+shift`` for the P>M>F protocol's 50 Adam steps, else with the
+    steps and optimizer (``lora+shift, sgd x1``)."""
+    if variant == "dt" or (steps, optimizer) == (50, "adam"):
+        return variant
+    return f"{variant}, {optimizer} x{steps}"
 
 
 def make_adapter(backbone, size: int, first_block: int):
@@ -69,7 +87,8 @@ def episodes_for(source: dict, count: int, seed: int, outside_training: bool = F
     return [sampler[i] for i in range(count)]
 
 
-def run_cell(adapter, episodes, variant: str, lr: float | None, steps: int, augment_pool: int | None) -> list[float]:
+def run_cell(adapter, episodes, variant: str, lr: float | None, steps: int, augment_pool: int | None,
+             optimizer: str = "adam") -> list[float]:
     """Query accuracy (%) per episode of ``dt`` (lr None) or of fine-tuning ``variant`` at ``lr``."""
     import torch
 
@@ -85,7 +104,7 @@ def run_cell(adapter, episodes, variant: str, lr: float | None, steps: int, augm
             task = adapter.direct_transfer(support, labels)
         else:
             task = finetune(adapter, support, labels, groups=tuple(variant.split("+")), steps=steps, lr=lr,
-                            seed=j, augment_pool=augment_pool).task
+                            seed=j, augment_pool=augment_pool, optimizer=optimizer).task
         accuracies.append(100.0 * query_accuracy(task, query, query_labels))
     return accuracies
 
@@ -95,8 +114,9 @@ def summarise(records: dict[tuple, dict]) -> list[str]:
     from hf_hyperflow.stats import paired_difference
 
     cells: dict[tuple, dict] = {}
-    for (source, size, first_block, variant, lr), row in records.items():
-        cells.setdefault((source, size, first_block), {}).setdefault(variant, {})[lr] = row
+    for (source, size, first_block, variant, lr, steps, optimizer), row in records.items():
+        label = cell_label(variant, steps, optimizer)
+        cells.setdefault((source, size, first_block), {}).setdefault(label, {})[lr] = row
     lines = ["| source | px | adapted blocks | variant | lr (chosen on episodes 1-h) | gain vs dt on episodes h+1-n "
              "(paired, 95% CI) | dt accuracy | s per task |", "|---|---|---|---|---|---|---|---|"]
     for (source, size, first_block), variants in sorted(cells.items()):
@@ -126,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lrs", default="1e-4,1e-3,1e-2")
     parser.add_argument("--episodes", type=int, default=12)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                        help="fine-tuning's steps: Adam (the P>M>F protocol) or plain gradient steps")
     parser.add_argument("--augment-pool", type=int, default=4,
                         help="pseudo-queries drawn from N augmented copies of the support (0: augment anew each step)")
     parser.add_argument("--seed", type=int, default=0)
@@ -156,18 +178,20 @@ def main(argv: list[str] | None = None) -> None:
                 episodes = episodes_for(source, args.episodes, args.seed, source["name"] in args.outside_training)
                 cells = [("dt", None)] + [(v, lr) for v in args.variants.split(",") for lr in lrs]
                 for variant, lr in cells:
-                    key = (source["name"], size, first_block, variant, lr)
+                    key = record_key(source["name"], size, first_block, variant, lr, args.steps, args.optimizer)
                     if key in records:
                         continue
                     start = time.perf_counter()
-                    accuracy = run_cell(adapter, episodes, variant, lr, args.steps, args.augment_pool or None)
+                    accuracy = run_cell(adapter, episodes, variant, lr, args.steps, args.augment_pool or None,
+                                        args.optimizer)
                     row = {"source": source["name"], "size": size, "first_block": first_block, "variant": variant,
-                           "lr": lr, "accuracy": accuracy,
+                           "lr": lr, "steps": args.steps, "optimizer": args.optimizer, "accuracy": accuracy,
                            "seconds_per_task": (time.perf_counter() - start) / len(episodes)}
                     records[key] = row
                     with log.open("a") as handle:
                         handle.write(json.dumps(row) + "\n")
-                    print(f"{source['name']} {size}px blocks {-first_block} {variant} lr {lr}: "
+                    print(f"{source['name']} {size}px blocks {-first_block} "
+                          f"{cell_label(variant, args.steps, args.optimizer)} lr {lr}: "
                           f"{sum(accuracy) / len(accuracy):.2f} ({row['seconds_per_task']:.1f} s/task)", flush=True)
     command = "python benchmarks/teacher_study.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     text = ["# Teacher study: fine-tuning gains over direct transfer on validation classes", "",

@@ -8,7 +8,8 @@ every method choice (architecture, losses, steps, stopping) is made on.
 A source is ``NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]`` (5-way; default 5 shots, 15 queries). Its class split is
 ``<class-splits>/<NAME>.json`` when that file exists (the run's own), else ``ClassSplit.from_dataset(dataset,
 group_column=GROUP_COLUMN, seed=0)``. Every method runs on the same seeded episodes; results.json / results.md
-in ``--output`` carry the paired gains over dt. ``--without-colour NAME`` shows a source's images in grey (a
+in ``--output`` carry the paired gains over dt. Fine-tuning methods (``ft-lora+shift``, ``ft-lora+shift:sgd:1``) choose
+their lr per source from ``--lr-grid`` on other episodes of the same classes. ``--without-colour NAME`` shows a source's images in grey (a
 second ``--source`` of the same folder under another name gives both). ``--outside-training NAME`` marks a source
 that no training source covers (a domain held out of meta-training as a whole): its episodes draw on every class.
 """
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a source no training source covers: episodes over every class (repeatable)")
     parser.add_argument("--methods", default="dt,hyperflow,hyperflow:auto")
     parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--lr-grid", default="0,1e-4,1e-3,1e-2",
+                        help="learning rates the ft-* methods choose from, per source (comma-separated)")
+    parser.add_argument("--lr-episodes", type=int, default=5, help="episodes the lr is chosen on, per source")
+    parser.add_argument("--ft-augment-pool", type=int, default=4,
+                        help="fine-tuning's pseudo-queries from N augmented copies of the support (0: anew each step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -87,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_hyperflow.results import write_outputs
 
     adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(args.backbone).eval(), args.adapter)
-    evaluator = Evaluator(adapter, args.methods.split(","), memory_episodes=0, seed=args.seed, progress=False)
+    evaluator = Evaluator(adapter, args.methods.split(","), lr_grid=[float(x) for x in args.lr_grid.split(",")],
+                          lr_episodes=args.lr_episodes, ft_augment_pool=args.ft_augment_pool or None, memory_episodes=0,
+                          seed=args.seed, progress=False)
     meta = {"backbone": str(args.backbone), "adapter": str(args.adapter), "protocol": "fixed", "ways": 5,
             "shots": None, "queries": None, "image_size": int(adapter.config.image_size),
             "machine": machine_description(), "date": date.today().isoformat(), "split": "validation",

@@ -5,7 +5,8 @@ Methods:
 - ``dt``: direct transfer (prototypes of the frozen backbone, no adaptation);
 - ``ft-full``, ``ft-blocks``, ``ft-lora``, ``ft-shift``, ``ft-head``: gradient fine-tuning (P>M>F protocol, lr
   chosen per dataset on validation episodes) of the whole backbone, of every weight of the adapted blocks, or
-  of one adapted-state group;
+  of one adapted-state group; ``ft-<groups>:<optimizer>:<steps>`` with other steps or plain gradient steps
+  (e.g. ``ft-lora+shift:sgd:1``, one step along the support loss's gradient at theta_0);
 - ``hyperflow``: the adapter's drift network with its integrator and steps; ``hyperflow:<integrator>:<steps>``
   for other integrators / step counts (e.g. ``hyperflow:rk4:4``); ``hyperflow:auto`` (or
   ``hyperflow:<integrator>:auto``) stops each task where its support set classifies itself best;
@@ -35,7 +36,7 @@ import torch
 from .adapter import HyperFlowAdapter
 from .config import ADAPTED_GROUPS, INTEGRATOR_NAMES
 from .episodes import Episode, EpisodeSampler
-from .finetune import DEFAULT_LR_GRID, finetune, select_lr
+from .finetune import DEFAULT_LR_GRID, OPTIMIZERS, finetune, select_lr
 from .stats import mean_confidence_interval, paired_difference
 from .task import AdaptedTask
 
@@ -49,8 +50,8 @@ FT_GROUPS: dict[str, tuple[str, ...]] = {
     "ft-shift": ("shift",),
     "ft-head": ("head",),
 }
-KNOWN_METHODS = ("dt", *FT_GROUPS, "ft-<group>+<group>", "hyperflow", "hyperflow:auto", "hyperflow:fixed",
-                 "hyperflow:<integrator>:<steps>")
+KNOWN_METHODS = ("dt", *FT_GROUPS, "ft-<group>+<group>", "ft-<groups>:<optimizer>:<steps>", "hyperflow",
+                 "hyperflow:auto", "hyperflow:fixed", "hyperflow:<integrator>:<steps>")
 
 
 @dataclass(frozen=True)
@@ -61,25 +62,19 @@ class Method:
     kind: str
     groups: tuple[str, ...] = ()
     integrator: str | None = None
-    steps: int | str | None = None
+    steps: int | str | None = None  # ft: None keeps the evaluator's ft_steps
     stopping: str | None = None  # hyperflow: "fixed" / "auto" replacing the adapter config's rule
+    optimizer: str | None = None  # ft: "adam" (None) or "sgd"
 
 
 def parse_method(name: str) -> Method:
     """``"dt"``, ``"ft-full"``/``"ft-blocks"``/``"ft-lora"``/``"ft-shift"``/``"ft-head"``, a mix such as
-    ``"ft-lora+shift"``, ``"hyperflow"`` or
+    ``"ft-lora+shift"``, either with ``":<optimizer>:<steps>"`` (``"ft-lora+shift:sgd:1"``), ``"hyperflow"`` or
     ``"hyperflow:<integrator>:<steps>"``; anything else is a ValueError listing the choices."""
     if name == "dt":
         return Method(name, "dt")
-    if name in FT_GROUPS:
-        return Method(name, "ft", groups=FT_GROUPS[name])
-    if name.startswith("ft-") and "+" in name:  # a mix of state groups, e.g. ft-lora+shift
-        groups = tuple(name[3:].split("+"))
-        unknown = [g for g in groups if g not in ADAPTED_GROUPS]
-        if unknown or len(set(groups)) != len(groups):
-            raise ValueError(f"Method {name!r}: a fine-tuning mix joins distinct groups of {list(ADAPTED_GROUPS)} "
-                             f"with '+', e.g. 'ft-lora+shift'.")
-        return Method(name, "ft", groups=groups)
+    if name.startswith("ft-"):
+        return _fine_tuning_method(name)
     if name == "hyperflow":
         return Method(name, "hyperflow")
     if name == "hyperflow:auto":
@@ -97,6 +92,28 @@ def parse_method(name: str) -> Method:
             raise ValueError(f"Method {name!r}: the number of steps must be a positive integer or 'auto'.")
         return Method(name, "hyperflow", integrator=integrator, steps=int(steps))
     raise ValueError(f"Unknown method {name!r}. Choose from {list(KNOWN_METHODS)}.")
+
+
+def _fine_tuning_method(name: str) -> Method:
+    """``ft-<group>``, ``ft-<group>+<group>...``, optionally followed by ``:<optimizer>:<steps>``."""
+    base, _, schedule = name.partition(":")
+    if base in FT_GROUPS:
+        groups = FT_GROUPS[base]
+    elif "+" in base:  # a mix of state groups, e.g. ft-lora+shift
+        groups = tuple(base[3:].split("+"))
+        unknown = [g for g in groups if g not in ADAPTED_GROUPS]
+        if unknown or len(set(groups)) != len(groups):
+            raise ValueError(f"Method {name!r}: a fine-tuning mix joins distinct groups of {list(ADAPTED_GROUPS)} "
+                             f"with '+', e.g. 'ft-lora+shift'.")
+    else:
+        raise ValueError(f"Unknown method {name!r}. Choose from {list(KNOWN_METHODS)}.")
+    if not schedule:
+        return Method(name, "ft", groups=groups)
+    parts = schedule.split(":")
+    if len(parts) != 2 or parts[0] not in OPTIMIZERS or not parts[1].isdigit() or int(parts[1]) < 1:
+        raise ValueError(f"Method {name!r}: after the groups, give ':<optimizer>:<steps>' with an optimizer of "
+                         f"{list(OPTIMIZERS)} and a positive number of steps, e.g. 'ft-lora+shift:sgd:1'.")
+    return Method(name, "ft", groups=groups, steps=int(parts[1]), optimizer=parts[0])
 
 
 def _clock() -> float:
@@ -201,8 +218,8 @@ class Evaluator:
             return self.adapter.adapt(episode.support, episode.support_labels, steps=method.steps,
                                       integrator=method.integrator, stopping=method.stopping)
         return finetune(self.adapter, episode.support, episode.support_labels, groups=method.groups,
-                        steps=self.ft_steps, lr=lr, seed=self.seed + episode_index,
-                        augment_pool=self.ft_augment_pool).task
+                        steps=method.steps or self.ft_steps, lr=lr, seed=self.seed + episode_index,
+                        augment_pool=self.ft_augment_pool, optimizer=method.optimizer or "adam").task
 
     def _choose_lrs(self, dataset, sampler_kwargs: dict) -> dict[str, dict]:
         lrs: dict[str, dict] = {}
@@ -216,12 +233,16 @@ class Evaluator:
             return {m.name: {"lr": self.fixed_lr[m.name], "table": None} for m in ft_methods}
         if self.fixed_lr is not None:
             return {m.name: {"lr": self.fixed_lr, "table": None} for m in ft_methods}
-        validation = EpisodeSampler(dataset, **{**sampler_kwargs, "split": "validation",
+        # Validation classes; a domain whose episodes draw on every class (held out of training as a whole) gives
+        # other episodes of every class.
+        split = None if "split" in sampler_kwargs and sampler_kwargs["split"] is None else "validation"
+        validation = EpisodeSampler(dataset, **{**sampler_kwargs, "split": split,
                                                 "num_episodes": self.lr_episodes, "seed": self.seed + 10_000})
         episodes = [validation[i] for i in range(self.lr_episodes)]
         for method in ft_methods:
             best, table = select_lr(self.adapter, episodes, groups=method.groups, grid=self.lr_grid,
-                                    steps=self.ft_steps, seed=self.seed)
+                                    steps=method.steps or self.ft_steps, seed=self.seed,
+                                    optimizer=method.optimizer or "adam")
             lrs[method.name] = {"lr": best, "table": {str(k): v for k, v in table.items()}}
         return lrs
 

@@ -1,6 +1,7 @@
 """Gradient fine-tuning of one few-shot task, as P>M>F does it at test time (Hu et al., CVPR 2022).
 
-Per task: start from theta_0, run ``steps`` Adam steps (betas 0.9 / 0.999, no weight decay, constant lr).
+Per task: start from theta_0, run ``steps`` Adam steps (betas 0.9 / 0.999, no weight decay, constant lr; or
+plain gradient steps with ``optimizer="sgd"``).
 Every step recomputes the class prototypes from the clean support images with the current weights (plus
 the head delta), turns the support set into a pseudo-query batch with DiffAugment (each image augmented
 with probability 0.9, from a seeded generator) and minimises the cross-entropy of the cosine prototype
@@ -62,6 +63,7 @@ __all__ = [
 WEIGHT_GROUPS: tuple[str, ...] = ("full", "blocks")
 FINETUNE_GROUPS: tuple[str, ...] = (*ADAPTED_GROUPS, *WEIGHT_GROUPS)
 DEFAULT_LR_GRID: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 
 
 @dataclass
@@ -80,6 +82,7 @@ class FineTuneResult:
         seconds: wall-clock time of the whole fine-tuning, caches and final prototypes included.
         lr, steps, groups: the settings used.
         prefix_cached: whether the frozen-prefix cache was used.
+        optimizer: ``"adam"`` or ``"sgd"``.
     """
 
     task: AdaptedTask
@@ -90,6 +93,7 @@ class FineTuneResult:
     steps: int
     groups: tuple[str, ...]
     prefix_cached: bool = False
+    optimizer: str = "adam"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,6 +271,7 @@ def finetune(
     prefix_cache: bool | None = None,
     initial: TaskState | None = None,
     classes: Sequence | None = None,
+    optimizer: str = "adam",
 ) -> FineTuneResult:
     """Fine-tune one task by gradient descent (the P>M>F protocol; see the module docstring).
 
@@ -276,8 +281,11 @@ def finetune(
         support_pixel_values: ``Tensor[S, 3, H, W]`` on the backbone's device.
         support_labels: ``LongTensor[S]`` in ``0..C-1``, every class present.
         groups: what is optimised: a mix of the adapter's ``"lora"``, ``"shift"``, ``"head"``, or ``("full",)``.
-        steps: K, the number of Adam steps.
+        steps: K, the number of optimizer steps.
         lr: the constant learning rate; 0 runs no step (theta stays theta_0).
+        optimizer: ``"adam"`` (the P>M>F protocol's steps: the first moves every entry by about ``lr`` in the
+            direction of its gradient's sign) or ``"sgd"`` (plain steps ``theta -= lr * gradient``, no momentum:
+            ``steps=1`` is one step along the support loss's gradient at theta_0).
         seed: seed of the DiffAugment generator (and of the pool draws).
         augment_probability: chance that a pseudo-query image is augmented.
         record_trajectory: keep the snapshots theta_0 .. theta_K (state groups only).
@@ -304,6 +312,8 @@ def finetune(
     check_number(lr, "lr", 0.0)
     check_int(seed, "seed", 0)
     check_number(augment_probability, "augment_probability", 0.0, 1.0)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}.")
     if augment_pool is not None:
         check_int(augment_pool, "augment_pool", 1)
     full = groups[0] in WEIGHT_GROUPS
@@ -331,7 +341,7 @@ def finetune(
     with _eval_mode(backbone):
         return _run(adapter, backbone, support_pixel_values.to(dtype), support_labels.to(device), num_classes, classes,
                     groups, steps, float(lr), seed, float(augment_probability), record_trajectory, augment_pool,
-                    prefix_cache, state0)
+                    prefix_cache, state0, optimizer)
 
 
 class _FineTuning:
@@ -462,18 +472,18 @@ class _FineTuning:
 
 
 def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps, lr, seed, probability,
-         record_trajectory, augment_pool, prefix_cache, state0) -> FineTuneResult:
+         record_trajectory, augment_pool, prefix_cache, state0, optimizer) -> FineTuneResult:
     start = time.perf_counter()
     run = _FineTuning(adapter, backbone, pixels, labels, num_classes, groups, seed, probability, augment_pool,
                       prefix_cache, state0)
     snapshots = [run.snapshot()] if record_trajectory else []
     losses: list[float] = []
-    optimizer = torch.optim.Adam(run.leaves, lr=lr, betas=(0.9, 0.999), weight_decay=0.0) if lr > 0 else None
+    steps_taken = _optimizer(optimizer, run.leaves, lr) if lr > 0 else None
     for _ in range(steps if lr > 0 else 0):
         loss = run.loss()
-        optimizer.zero_grad(set_to_none=True)
+        steps_taken.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        steps_taken.step()
         losses.append(float(loss.detach()))
         if record_trajectory:
             snapshots.append(run.snapshot())
@@ -482,7 +492,14 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
     task = run.task(classes)
     trajectory = TaskState.cat(snapshots) if record_trajectory else None
     return FineTuneResult(task=task, trajectory=trajectory, losses=losses, seconds=time.perf_counter() - start, lr=lr,
-                          steps=steps, groups=groups, prefix_cached=run.prefix is not None)
+                          steps=steps, groups=groups, prefix_cached=run.prefix is not None, optimizer=optimizer)
+
+
+def _optimizer(name: str, leaves: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """Adam as P>M>F runs it (betas 0.9 / 0.999, no weight decay) or plain SGD (no momentum, no weight decay)."""
+    if name == "sgd":
+        return torch.optim.SGD(leaves, lr=lr, momentum=0.0, weight_decay=0.0)
+    return torch.optim.Adam(leaves, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -152,9 +152,12 @@ def test_validation(setting):
         "--source", f"glyphs_default={setting['data'] / 'glyphs_default'}:script:2:3",
         "--source", f"grey={setting['data'] / 'glyphs_default'}:script:2:3", "--without-colour", "grey",
         "--source", f"digits={setting['data'] / 'digits'}:label:2:3", "--outside-training", "digits",
-        "--methods", "dt,hyperflow", "--episodes", 2, "--output", output)
+        "--methods", "dt,hyperflow,ft-head:sgd:1", "--lr-grid", "0,0.1", "--lr-episodes", 1, "--episodes", 2,
+        "--output", output)
     results = json.loads((output / "results.json").read_text())["results"]
     assert "gain_vs_dt" in results["glyphs_default (validation)"]["hyperflow"]
+    for name in ("glyphs_default (validation)", "digits (outside training)"):
+        assert set(results[name]["ft-head:sgd:1"]["lr_table"]) == {"0.0", "0.1"}
     assert results["grey (validation)"]["dt"]["episodes"] == 2
     assert results["digits (outside training)"]["dt"]["episodes"] == 2
     for flag in ("--without-colour", "--outside-training"):
@@ -286,7 +289,14 @@ def test_teacher_study(setting):
         f"held_out={setting['data'] / 'glyphs_default'}:script", "--outside-training", "held_out", "--sizes", 32,
         "--first-blocks", -1, "--variants", "shift", "--lrs", "1e-3", "--episodes", 2, "--steps", 1, "--output", output)
     readme = (output / "README.md").read_text()
-    assert "| glyphs | 32 | 1 | shift |" in readme and "| held_out | 32 | 1 | shift |" in readme
+    assert "| glyphs | 32 | 1 | shift, adam x1 |" in readme and "| held_out | 32 | 1 | shift, adam x1 |" in readme
+    run("teacher_study.py", "--backbone", setting["run"] / "efficientnet-lite0", "--source",
+        f"glyphs={setting['data'] / 'glyphs_default'}:script", "--sizes", 32, "--first-blocks", -1, "--variants",
+        "shift", "--lrs", "1e-1", "--episodes", 2, "--steps", 1, "--optimizer", "sgd", "--output", output)
+    readme = (output / "README.md").read_text()
+    assert "| glyphs | 32 | 1 | shift, adam x1 | 0.001 |" in readme
+    assert "| glyphs | 32 | 1 | shift, sgd x1 | 0.1 |" in readme
+    assert len((output / "records.jsonl").read_text().splitlines()) == 5  # dt once: it does not depend on the steps
 
 
 def test_training_benchmark(setting):

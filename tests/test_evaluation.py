@@ -77,6 +77,49 @@ def test_parse_method_and_unknown_methods():
         parse_method("hyperflow:rk7:4")
 
 
+def test_parse_fine_tuning_with_its_optimizer_and_steps():
+    one_step = parse_method("ft-lora+shift:sgd:1")
+    assert (one_step.kind, one_step.groups, one_step.optimizer, one_step.steps) == ("ft", ("lora", "shift"), "sgd", 1)
+    assert (parse_method("ft-head:adam:3").optimizer, parse_method("ft-head:adam:3").steps) == ("adam", 3)
+    assert parse_method("ft-head").optimizer is None and parse_method("ft-head").steps is None
+    for bad in ("ft-head:sgd", "ft-head:rmsprop:1", "ft-head:sgd:0", "ft-head:sgd:x", "ft-head:sgd:1:2"):
+        with pytest.raises(ValueError, match=r"give ':<optimizer>:<steps>' with an optimizer of \['adam', 'sgd'\]"):
+            parse_method(bad)
+    with pytest.raises(ValueError, match=r"Unknown method 'ft-everything:sgd:1'"):
+        parse_method("ft-everything:sgd:1")
+
+
+def test_fine_tuning_methods_run_with_their_own_optimizer_and_steps(adapter, dataset, monkeypatch):
+    """``ft-head:sgd:1`` fine-tunes (and chooses its lr) with one plain step, ``ft-head`` with the evaluator's
+    steps and Adam; a domain drawing on every class chooses the lr on episodes of every class."""
+    import hf_hyperflow.evaluation as evaluation
+    import hf_hyperflow.finetune as finetune_module
+
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append((kwargs["steps"], kwargs["optimizer"]))
+        return finetune_module.finetune(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "finetune", recorded)
+    evaluator = Evaluator(adapter, ["ft-head:sgd:1", "ft-head"], ft_steps=2, fixed_lr=1e-2, progress=False,
+                          memory_episodes=0)
+    out = evaluator.evaluate_dataset("colours", dataset, episodes=1, sampler_kwargs=SAMPLER)
+    assert calls == [(1, "sgd"), (2, "adam")]
+    assert set(out["methods"]) == {"ft-head:sgd:1", "ft-head"}
+    chosen = []
+
+    def choose(adapter, episodes, **kwargs):
+        chosen.append((len(episodes), kwargs["steps"], kwargs["optimizer"]))
+        return 0.0, {0.0: 1.0}
+
+    monkeypatch.setattr(evaluation, "select_lr", choose)
+    whole = {**SAMPLER, "split": None, "class_split": None, "ways": 8}  # 8 ways: more classes than any split holds
+    Evaluator(adapter, ["ft-head:sgd:1"], lr_episodes=2, progress=False, memory_episodes=0).evaluate_dataset(
+        "colours", dataset, episodes=1, sampler_kwargs=whole)
+    assert chosen == [(2, 1, "sgd")]
+
+
 def test_same_episodes_for_every_method_and_fields(adapter, dataset):
     evaluator = Evaluator(adapter, ["dt", "ft-shift", "ft-full", "hyperflow", "hyperflow:heun:2"], ft_steps=2,
                           fixed_lr=1e-3, memory_episodes=1, progress=False)

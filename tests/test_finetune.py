@@ -22,7 +22,7 @@ from hf_hyperflow.finetune import (
     select_lr,
 )
 from hf_hyperflow.prefix import FrozenPrefix
-from hf_hyperflow.state import parse_state_key
+from hf_hyperflow.state import HEAD_KEY, parse_state_key
 
 IMAGE = 32
 
@@ -113,6 +113,32 @@ def _augmented_loss_at_theta0(adapter, pixels, labels) -> float:
         logits = prototype_logits(embed(adapter.backbone, pseudo), prototypes, adapter.drift.logit_scale,
                                   adapter.drift.logit_bias)
     return float(F.cross_entropy(logits, labels))
+
+
+def test_one_sgd_step_is_minus_lr_times_the_support_gradient(vit, support):
+    """optimizer='sgd', steps=1: the head shift moves by -lr times the gradient of the first step's loss, computed
+    here by hand; Adam's first step moves every entry by about lr instead."""
+    from hf_hyperflow.augment import diff_augment
+    from hf_hyperflow.backbones import embed
+    from hf_hyperflow.heads import class_prototypes, prototype_logits
+
+    pixels, labels = support
+    result = finetune(vit, pixels, labels, groups=("head",), steps=1, lr=0.5, optimizer="sgd")
+    assert result.optimizer == "sgd"
+    with torch.no_grad():
+        prototypes = class_prototypes(embed(vit.backbone, pixels), labels, 5)
+        queries = embed(vit.backbone, diff_augment(pixels, torch.Generator().manual_seed(0), 0.9))
+    head = torch.zeros_like(prototypes, requires_grad=True)
+    logits = prototype_logits(queries, prototypes + head, vit.drift.logit_scale.detach(), vit.drift.logit_bias.detach())
+    (gradient,) = torch.autograd.grad(F.cross_entropy(logits, labels), head)
+    assert float(gradient.abs().max()) > 0
+    assert_same_math(result.task.state[HEAD_KEY][0], -0.5 * gradient)
+    adam = finetune(vit, pixels, labels, groups=("head",), steps=1, lr=0.5).task.state[HEAD_KEY][0]
+    moved = gradient.abs() > 1e-4  # where Adam's eps (1e-8) is negligible against the gradient
+    assert int(moved.sum()) > 10
+    assert torch.allclose(adam[moved].abs(), torch.full_like(adam[moved], 0.5), rtol=1e-3)
+    with pytest.raises(ValueError, match=r"optimizer must be one of \['adam', 'sgd'\], got 'lbfgs'"):
+        finetune(vit, pixels, labels, optimizer="lbfgs")
 
 
 def test_full_finetuning_leaves_backbone_unchanged_and_task_keeps_weights(vit, support):
