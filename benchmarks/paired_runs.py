@@ -4,6 +4,9 @@ paired difference of every later run against the first, per domain, from their r
     python benchmarks/paired_runs.py --method hyperflow:auto \
         shipped=runs/validation_shipped/results.json candidate=runs/validation_candidate/results.json
 
+A run may name its own method after ``@`` (``step=runs/probe/results.json@ft-lora+shift:sgd:1``): two methods of
+one results.json, or of two runs, compared on the same episodes.
+
 The runs must have evaluated direct transfer on the same episodes (the same sources, seed and episode count: dt's
 per-episode accuracies must agree); only the domains every run has are compared. Differences are per episode
 (the later run's accuracy minus the first's), mean and 95% CI in points.
@@ -36,9 +39,11 @@ def _cell(values: list[float]) -> str:
     return f"{mean:+.2f} ±{half:.2f}"
 
 
-def paired_table(runs: dict[str, dict], method: str) -> str:
+def paired_table(runs: dict[str, dict], method: str, methods: dict[str, str] | None = None) -> str:
     """A markdown table: per domain, dt's accuracy, each run's paired gain over dt and each later run's paired
-    difference against the first run (``runs``: name -> results.json content, in order)."""
+    difference against the first run (``runs``: name -> results.json content, in order; ``methods``: name -> the
+    method compared in that run, default ``method``)."""
+    methods = {name: (methods or {}).get(name, method) for name in runs}
     names = list(runs)
     domains = [d for d in runs[names[0]]["results"] if all(d in r["results"] for r in runs.values())]
     if not domains:
@@ -54,7 +59,7 @@ def paired_table(runs: dict[str, dict], method: str) -> str:
             if dt[name][:count] != dt[first][:count]:
                 raise SystemExit(f"error: {domain!r}: direct transfer differs between {first!r} and {name!r}, so "
                                  "the episodes are not the same (sources, seed or backbone differ).")
-        accuracy = {n: episode_accuracies(r, domain, method)[:count] for n, r in runs.items()}
+        accuracy = {n: episode_accuracies(r, domain, methods[n])[:count] for n, r in runs.items()}
         base = dt[first][:count]
         gains = [_cell([a - b for a, b in zip(accuracy[n], base, strict=True)]) for n in names]
         differences = [_cell([a - b for a, b in zip(accuracy[n], accuracy[first], strict=True)]) for n in names[1:]]
@@ -64,18 +69,22 @@ def paired_table(runs: dict[str, dict], method: str) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="NAME=RESULTS_JSON", help="the first one is the reference")
-    parser.add_argument("--method", default="hyperflow:auto")
+    parser.add_argument("runs", nargs="+", metavar="NAME=RESULTS_JSON[@METHOD]", help="the first one is the reference")
+    parser.add_argument("--method", default="hyperflow:auto", help="the method of the runs that name none")
     args = parser.parse_args(argv)
-    runs = {}
+    runs, methods = {}, {}
     for item in args.runs:
         name, _, path = item.partition("=")
+        path, _, method = path.partition("@")
         if not name or not path:
-            raise SystemExit(f"error: runs are NAME=RESULTS_JSON, got {item!r}")
+            raise SystemExit(f"error: runs are NAME=RESULTS_JSON[@METHOD], got {item!r}")
+        if name in runs:
+            raise SystemExit(f"error: the run name {name!r} is given twice; name each run once.")
         runs[name] = load_results(Path(path))
+        methods[name] = method or args.method
     if len(runs) < 2:
         raise SystemExit("error: give at least two runs to compare.")
-    table = paired_table(runs, args.method)
+    table = paired_table(runs, args.method, methods)
     print(table)
     return table
 

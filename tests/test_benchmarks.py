@@ -234,6 +234,11 @@ def test_paired_runs():
     # gains over dt: first (50, 0, 50, 0) -> +25.00; second (0, 0, 0, 50) -> +12.50; second minus first
     # (-50, 0, -50, 50) -> -12.50, CI 1.96 * std / sqrt(4) = 1.96 * 41.46 / 2
     assert row.startswith("| d | 4 | 50.00 | +25.00 ±24.50 | +12.50 ±21.22 | -12.50 ±40.63 |")
+    # two methods of one run: "m" against dt itself, named after "@"
+    runs["third"] = runs["first"]
+    row = paired_table(runs, "m", {"third": "dt"}).splitlines()[-1]
+    assert row.endswith("| -12.50 ±40.63 | -25.00 ±24.50 |")
+    del runs["third"]
     runs["second"]["details"]["d"]["per_episode_accuracy"]["dt"] = [0.5, 1.0, 0.0, 0.0]
     with pytest.raises(SystemExit, match="direct transfer differs"):
         paired_table(runs, "m")
