@@ -7,8 +7,9 @@ paired difference of every later run against the first, per domain, from their r
 A run may name its own method after ``@`` (``step=runs/probe/results.json@ft-lora+shift:sgd:1``): two methods of
 one results.json, or of two runs, compared on the same episodes.
 
-The runs must have evaluated direct transfer on the same episodes (the same sources, seed and episode count: dt's
-per-episode accuracies must agree); only the domains every run has are compared. Differences are per episode
+The runs must have evaluated the same episodes (the same sources and seed: their support and query rows must agree,
+or, in results without rows, dt's per-episode accuracies); the first run's dt is the reference, and only the domains
+every run has are compared, on the episodes every run has. Differences are per episode
 (the later run's accuracy minus the first's), mean and 95% CI in points.
 """
 
@@ -34,6 +35,17 @@ def episode_accuracies(results: dict, domain: str, method: str) -> list[float]:
     return [100.0 * a for a in per_method[method]]
 
 
+def same_episodes(first: dict, other: dict, domain: str, count: int) -> bool:
+    """Whether two runs' first ``count`` episodes of ``domain`` are the same: their support and query rows agree
+    (results.json's ``episode_rows``), or, where a run has no rows, direct transfer's per-episode accuracies do.
+    Rows, not accuracies, where there are rows: on another CPU a near tie of direct transfer's cosine scores can
+    round the other way."""
+    rows = [run.get("details", {}).get(domain, {}).get("episode_rows") for run in (first, other)]
+    if all(r is not None and len(r) >= count for r in rows):
+        return rows[0][:count] == rows[1][:count]
+    return episode_accuracies(first, domain, "dt")[:count] == episode_accuracies(other, domain, "dt")[:count]
+
+
 def _cell(values: list[float]) -> str:
     mean, half = mean_confidence_interval(values)
     return f"{mean:+.2f} ±{half:.2f}"
@@ -56,9 +68,10 @@ def paired_table(runs: dict[str, dict], method: str, methods: dict[str, str] | N
         dt = {n: episode_accuracies(r, domain, "dt") for n, r in runs.items()}
         count = min(len(v) for v in dt.values())
         for name in names[1:]:
-            if dt[name][:count] != dt[first][:count]:
-                raise SystemExit(f"error: {domain!r}: direct transfer differs between {first!r} and {name!r}, so "
-                                 "the episodes are not the same (sources, seed or backbone differ).")
+            if not same_episodes(runs[first], runs[name], domain, count):
+                raise SystemExit(f"error: {domain!r}: the episodes of {first!r} and {name!r} are not the same (their "
+                                 "support and query rows differ, or, without rows, direct transfer does): sources, "
+                                 "seed or backbone differ.")
         accuracy = {n: episode_accuracies(r, domain, methods[n])[:count] for n, r in runs.items()}
         base = dt[first][:count]
         gains = [_cell([a - b for a, b in zip(accuracy[n], base, strict=True)]) for n in names]
