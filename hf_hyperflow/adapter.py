@@ -425,7 +425,7 @@ class HyperFlowAdapter:
         through the backbone."""
         prefix = self.frozen_prefix() if keep_prefix else None
         side, device = pixel_values.shape[-1], pixel_values.device
-        per_pass = self.images_per_pass or default_images_per_pass(side, device)
+        per_pass = self.images_per_pass or default_images_per_pass(side, device, support_size=pixel_values.shape[0])
         per_late_pass = self.images_per_late_pass or default_images_per_pass(side, device, late=True)
         if per_pass is None or pixel_values.shape[0] <= per_pass:
             return prefix, None, None, None

@@ -209,20 +209,28 @@ def embed(backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 # On a CPU, passes over a few images keep activations in cache and bound peak memory. The early,
-# high-resolution blocks take CPU_PASS_SIDES // side images at a time (8 at 64 px, 4 at 128 px); the later
-# blocks CPU_LATE_PASS_IMAGES (fewer than 16 images would send their 1x1 convolutions to PyTorch's slower
-# single-thread kernel). benchmarks/images_per_pass.md measured these among 2-25 and 25-100 images per pass.
+# high-resolution blocks take CPU_PASS_SIDES // side images at a time (8 at 64 px, 4 at 128 px), and no more than a
+# quarter of the support set (at least CPU_SMALLEST_PASS): fine-tuning holds every support image's activations, so
+# for a small support a pass of 8 would hold as much as a good part of that (5 images at 64 px: 7.3 MiB against
+# 2.9 MiB in passes of 2, at the same speed). The later blocks take CPU_LATE_PASS_IMAGES (fewer than 16 images
+# would send their 1x1 convolutions to PyTorch's slower single-thread kernel). benchmarks/images_per_pass.md
+# measured these among 2-25 and 25-100 images per pass, for supports of 5 to 100 images.
 CPU_PASS_SIDES = 512
+CPU_SMALLEST_PASS = 2
 CPU_LATE_PASS_IMAGES = 25
 
 
-def images_per_pass(image_size: int, device: torch.device, late: bool = False) -> int | None:
+def images_per_pass(image_size: int, device: torch.device, late: bool = False,
+                    support_size: int | None = None) -> int | None:
     """How many images a forward pass over a support set takes at a time: in the early, high-resolution blocks
-    ``CPU_PASS_SIDES // image_size``, in the later blocks (``late``) ``CPU_LATE_PASS_IMAGES`` (never fewer than the
-    early ones), at least 1, on a CPU; None (all at once) on an accelerator."""
+    ``CPU_PASS_SIDES // image_size``, and with ``support_size`` (the images passed) no more than a quarter of them
+    (at least ``CPU_SMALLEST_PASS``); in the later blocks (``late``) ``CPU_LATE_PASS_IMAGES`` (never fewer than the
+    early ones); at least 1, on a CPU; None (all at once) on an accelerator."""
     if device.type != "cpu":
         return None
     early = max(1, CPU_PASS_SIDES // image_size)
+    if support_size is not None:
+        early = min(early, max(CPU_SMALLEST_PASS, support_size // 4))
     return max(early, CPU_LATE_PASS_IMAGES) if late else early
 
 

@@ -18,6 +18,11 @@ def test_images_per_pass_on_cpu_and_accelerators():
     assert images_per_pass(4 * CPU_PASS_SIDES, cpu) == 1  # never zero
     assert images_per_pass(64, cpu, late=True) == images_per_pass(128, cpu, late=True) == CPU_LATE_PASS_IMAGES
     assert images_per_pass(16, cpu, late=True) == CPU_PASS_SIDES // 16 > CPU_LATE_PASS_IMAGES  # never below early
+    # a small support: early passes of a quarter of it, at least CPU_SMALLEST_PASS; a large one: as without it
+    assert [images_per_pass(64, cpu, support_size=n) for n in (1, 5, 10, 15, 25, 32, 500)] == [2, 2, 2, 3, 6, 8, 8]
+    assert [images_per_pass(128, cpu, support_size=n) for n in (5, 25, 500)] == [2, 4, 4]
+    assert images_per_pass(4 * CPU_PASS_SIDES, cpu, support_size=5) == 1
+    assert images_per_pass(64, torch.device("meta"), support_size=5) is None
     assert images_per_pass(224, torch.device("cuda")) is None  # all at once on an accelerator
     assert images_per_pass(224, torch.device("cuda"), late=True) is None
 
