@@ -242,7 +242,7 @@ class Evaluator:
         for method in ft_methods:
             best, table = select_lr(self.adapter, episodes, groups=method.groups, grid=self.lr_grid,
                                     steps=method.steps or self.ft_steps, seed=self.seed,
-                                    optimizer=method.optimizer or "adam")
+                                    optimizer=method.optimizer or "adam", augment_pool=self.ft_augment_pool)
             lrs[method.name] = {"lr": best, "table": {str(k): v for k, v in table.items()}}
         return lrs
 

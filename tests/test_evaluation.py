@@ -110,14 +110,14 @@ def test_fine_tuning_methods_run_with_their_own_optimizer_and_steps(adapter, dat
     chosen = []
 
     def choose(adapter, episodes, **kwargs):
-        chosen.append((len(episodes), kwargs["steps"], kwargs["optimizer"]))
+        chosen.append((len(episodes), kwargs["steps"], kwargs["optimizer"], kwargs["augment_pool"]))
         return 0.0, {0.0: 1.0}
 
     monkeypatch.setattr(evaluation, "select_lr", choose)
     whole = {**SAMPLER, "split": None, "class_split": None, "ways": 8}  # 8 ways: more classes than any split holds
-    Evaluator(adapter, ["ft-head:sgd:1"], lr_episodes=2, progress=False, memory_episodes=0).evaluate_dataset(
-        "colours", dataset, episodes=1, sampler_kwargs=whole)
-    assert chosen == [(2, 1, "sgd")]
+    Evaluator(adapter, ["ft-head:sgd:1"], lr_episodes=2, ft_augment_pool=3, progress=False,
+              memory_episodes=0).evaluate_dataset("colours", dataset, episodes=1, sampler_kwargs=whole)
+    assert chosen == [(2, 1, "sgd", 3)]  # the lr is chosen with the pseudo-queries the evaluation uses
 
 
 def test_same_episodes_for_every_method_and_fields(adapter, dataset):
