@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     from hf_hyperflow.results import write_outputs
 
     started = time.perf_counter()
+    if args.jobs > 1:  # every worker runs one torch thread: the machine description says so
+        import torch
+
+        torch.set_num_threads(1)
     if not (args.backbone / "config.json").exists():
         build_efficientnet_lite0(args.backbone)
     sources, outside = args.source or list(SOURCES), [n for n in args.out_of_domain.split(",") if n]
