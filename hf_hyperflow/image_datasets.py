@@ -56,7 +56,12 @@ def load_image_dataset(source: str | os.PathLike | datasets.Dataset | datasets.D
     text = str(source)
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith(".parquet") or os.sep in text.replace("/", ""):
         raise ValueError(f"{text} does not exist (and is not a Hub dataset id such as 'org/name')")
-    return datasets.load_dataset(text, split=split)
+    try:
+        return datasets.load_dataset(text, split=split)
+    except (ConnectionError, FileNotFoundError) as error:  # offline, or no such dataset on the Hub
+        raise FileNotFoundError(f"{text!r} is no local folder (nothing exists at {path.resolve()}) and the Hub gave no "
+                                f"dataset of that id ({type(error).__name__}: {error}). Build or copy the dataset to "
+                                f"that folder, or check the Hub id and the connection.") from error
 
 
 def _pick_split(dataset_dict: datasets.DatasetDict, split: str, where: str) -> datasets.Dataset:

@@ -76,6 +76,19 @@ def test_label_index_is_fast_on_many_rows():
     assert np.array_equal(index.rows(17), np.nonzero(labels == 17)[0])
 
 
+def test_a_missing_folder_that_reads_as_a_hub_id_says_both(monkeypatch, tmp_path):
+    """'data/name' is a Hub id or a relative folder: when neither gives a dataset, the error says so, not only the
+    Hub's connection error."""
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'data/missing' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'data/missing' is no local folder \(nothing exists at .*data/missing\) "
+                                                r"and the Hub gave no dataset of that id \(ConnectionError"):
+        load_image_dataset("data/missing")
+
+
 def test_load_image_dataset_from_local_sources(tmp_path):
     dataset = make_dataset([3, 3])
     dataset.save_to_disk(str(tmp_path / "disk"))
