@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         adapter = shipped_adapter(lite0_backbone(), size)
         for count in counts:
-            lines += support_rows(adapter, size, count, args.rounds)
-            print("\n".join(lines[-1:]), flush=True)
+            rows = support_rows(adapter, size, count, args.rounds)
+            lines += rows
+            print("\n".join(rows), flush=True)
     lines += ["", f"Machine: {machine_description()}; load average {load} at the start; {date.today().isoformat()}; "
               f"{time.perf_counter() - started:.0f} s. Medians of {args.rounds} interleaved rounds.", ""]
     args.output.write_text("\n".join(lines))

@@ -212,7 +212,8 @@ def embed(backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 # high-resolution blocks take CPU_PASS_SIDES // side images at a time (8 at 64 px, 4 at 128 px), and no more than a
 # quarter of the support set (at least CPU_SMALLEST_PASS): fine-tuning holds every support image's activations, so
 # for a small support a pass of 8 would hold as much as a good part of that (5 images at 64 px: 7.3 MiB against
-# 2.9 MiB in passes of 2, at the same speed). The later blocks take CPU_LATE_PASS_IMAGES (fewer than 16 images
+# 2.9 MiB in passes of 2, at 1.12x the time per image; 25 images: 1.13x for passes of 6 instead of 8, a cost that
+# buys no needed memory there, see benchmarks/SPEED.md). The later blocks take CPU_LATE_PASS_IMAGES (fewer than 16 images
 # would send their 1x1 convolutions to PyTorch's slower single-thread kernel). benchmarks/images_per_pass.md
 # measured these among 2-25 and 25-100 images per pass, for supports of 5 to 100 images.
 CPU_PASS_SIDES = 512

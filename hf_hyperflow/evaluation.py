@@ -217,9 +217,15 @@ class Evaluator:
         if method.kind == "hyperflow":
             return self.adapter.adapt(episode.support, episode.support_labels, steps=method.steps,
                                       integrator=method.integrator, stopping=method.stopping)
-        return finetune(self.adapter, episode.support, episode.support_labels, groups=method.groups,
-                        steps=method.steps or self.ft_steps, lr=lr, seed=self.seed + episode_index,
-                        augment_pool=self.ft_augment_pool, optimizer=method.optimizer or "adam").task
+        return finetune(self.adapter, episode.support, episode.support_labels, lr=lr, seed=self.seed + episode_index,
+                        **self._fine_tuning(method)).task
+
+    def _fine_tuning(self, method: Method) -> dict:
+        """``finetune`` keywords of a fine-tuning method, the same for choosing its lr and for evaluating it: its
+        groups, its steps and optimizer (the evaluator's ``ft_steps`` and Adam unless it names others) and the
+        evaluator's augmented pool."""
+        return {"groups": method.groups, "steps": method.steps or self.ft_steps,
+                "optimizer": method.optimizer or "adam", "augment_pool": self.ft_augment_pool}
 
     def _choose_lrs(self, dataset, sampler_kwargs: dict) -> dict[str, dict]:
         lrs: dict[str, dict] = {}
@@ -240,9 +246,8 @@ class Evaluator:
                                                 "num_episodes": self.lr_episodes, "seed": self.seed + 10_000})
         episodes = [validation[i] for i in range(self.lr_episodes)]
         for method in ft_methods:
-            best, table = select_lr(self.adapter, episodes, groups=method.groups, grid=self.lr_grid,
-                                    steps=method.steps or self.ft_steps, seed=self.seed,
-                                    optimizer=method.optimizer or "adam", augment_pool=self.ft_augment_pool)
+            best, table = select_lr(self.adapter, episodes, grid=self.lr_grid, seed=self.seed,
+                                    **self._fine_tuning(method))
             lrs[method.name] = {"lr": best, "table": {str(k): v for k, v in table.items()}}
         return lrs
 

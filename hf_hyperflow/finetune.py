@@ -478,12 +478,12 @@ def _run(adapter, backbone, pixels, labels, num_classes, classes, groups, steps,
                       prefix_cache, state0)
     snapshots = [run.snapshot()] if record_trajectory else []
     losses: list[float] = []
-    steps_taken = _optimizer(optimizer, run.leaves, lr) if lr > 0 else None
+    torch_optimizer = _optimizer(optimizer, run.leaves, lr) if lr > 0 else None
     for _ in range(steps if lr > 0 else 0):
         loss = run.loss()
-        steps_taken.zero_grad(set_to_none=True)
+        torch_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        steps_taken.step()
+        torch_optimizer.step()
         losses.append(float(loss.detach()))
         if record_trajectory:
             snapshots.append(run.snapshot())
