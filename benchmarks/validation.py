@@ -9,17 +9,19 @@ A source is ``NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]`` (5-way; default 5 shots, 
 ``<class-splits>/<NAME>.json`` when that file exists (the run's own), else ``ClassSplit.from_dataset(dataset,
 group_column=GROUP_COLUMN, seed=0)``. Every method runs on the same seeded episodes; results.json / results.md
 in ``--output`` carry the paired gains over dt. Fine-tuning methods (``ft-lora+shift``, ``ft-lora+shift:sgd:1``) choose
-their lr per source from ``--lr-grid`` on other episodes of the same classes. ``--without-colour NAME`` shows a source's images in grey (a
-second ``--source`` of the same folder under another name gives both). ``--outside-training NAME`` marks a source
+their lr per source from ``--lr-grid`` on other episodes of the same classes. ``--without-colour NAME`` shows a source's images in grey and
+``--low-resolution NAME=PIXELS`` as thumbnails enlarged back (a second ``--source`` of the same folder under
+another name gives both). ``--outside-training NAME`` marks a source
 that no training source covers (a domain held out of meta-training as a whole): its episodes draw on every class.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date
 from pathlib import Path
 
@@ -30,12 +32,16 @@ from benchmarks.teacher_study import parse_source  # noqa: E402
 
 
 def validation_domains(sources: list[dict], class_splits: Path | None, without_colour: Sequence[str] = (),
-                       outside_training: Sequence[str] = ()) -> dict[str, tuple]:
+                       outside_training: Sequence[str] = (),
+                       low_resolution: Mapping[str, int] | None = None) -> dict[str, tuple]:
     """``name -> (dataset, sampler kwargs)`` of the sources' validation classes; the sources named in
-    ``without_colour`` are shown in grey (as a training config's ``without_colour`` shows them), those named in
-    ``outside_training`` (no training source covers them) give episodes over every class."""
+    ``without_colour`` are shown in grey and those in ``low_resolution`` (name -> pixels) as thumbnails (as a
+    training config's ``without_colour`` / ``low_resolution`` show them), those named in ``outside_training`` (no
+    training source covers them) give episodes over every class."""
     from hf_hyperflow.episodes import ClassSplit, load_image_dataset
-    from hf_hyperflow.inputs import without_colour as grey_images
+    from hf_hyperflow.inputs import domain_view
+
+    low_resolution = low_resolution or {}
 
     domains = {}
     for source in sources:
@@ -43,7 +49,9 @@ def validation_domains(sources: list[dict], class_splits: Path | None, without_c
         # classes too small for the episode's shape are left out (wesnoth_units at 5 shots)
         shape = {"protocol": "fixed", "ways": 5, "shots": source["shots"], "queries": source["queries"],
                  "min_images_per_class": source["shots"] + source["queries"]}
-        transform = {"image_transform": grey_images} if source["name"] in without_colour else {}
+        grey, side = source["name"] in without_colour, low_resolution.get(source["name"])
+        transform = ({"image_transform": functools.partial(domain_view, grey=grey, low_resolution=side)}
+                     if grey or side is not None else {})
         if source["name"] in outside_training:
             domains[f"{source['name']} (outside training)"] = (dataset, {**shape, **transform, "split": None})
             continue
@@ -64,6 +72,18 @@ def check_source_flags(sources: list[dict], flags: dict[str, Sequence[str]]) -> 
             raise SystemExit(f"error: {flag} names no --source: {sorted(set(named) - names)}")
 
 
+def parse_low_resolution(values: Sequence[str]) -> dict[str, int]:
+    """``["NAME=PIXELS", ...]`` -> ``{name: pixels}``; SystemExit naming a value that is not of that form."""
+    sides = {}
+    for value in values:
+        name, _, pixels = value.partition("=")
+        if not name or not pixels.isdigit() or int(pixels) < 1:
+            raise SystemExit(f"error: --low-resolution takes NAME=PIXELS (a --source name and an integer >= 1), "
+                             f"got {value!r}")
+        sides[name] = int(pixels)
+    return sides
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", type=Path, default=Path("models/efficientnet-lite0"))
@@ -72,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source", action="append", required=True, help="NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]")
     parser.add_argument("--without-colour", action="append", default=[], metavar="NAME",
                         help="show this source's images in grey (repeatable)")
+    parser.add_argument("--low-resolution", action="append", default=[], metavar="NAME=PIXELS",
+                        help="show this source's images as thumbnails of at most PIXELS on a side, enlarged back "
+                             "(repeatable)")
     parser.add_argument("--outside-training", action="append", default=[], metavar="NAME",
                         help="a source no training source covers: episodes over every class (repeatable)")
     parser.add_argument("--methods", default="dt,hyperflow,hyperflow:auto")
@@ -85,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     sources = [parse_source(s) for s in args.source]
-    check_source_flags(sources, {"--without-colour": args.without_colour, "--outside-training": args.outside_training})
+    low_resolution = parse_low_resolution(args.low_resolution)
+    check_source_flags(sources, {"--without-colour": args.without_colour, "--outside-training": args.outside_training,
+                                 "--low-resolution": list(low_resolution)})
     from transformers import AutoModel
 
     from hf_hyperflow import HyperFlowAdapter
@@ -100,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
             "shots": None, "queries": None, "image_size": int(adapter.config.image_size),
             "machine": machine_description(), "date": date.today().isoformat(), "split": "validation",
             "command": "python benchmarks/validation.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
-    domains = validation_domains(sources, args.class_splits, args.without_colour, args.outside_training)
+    domains = validation_domains(sources, args.class_splits, args.without_colour, args.outside_training,
+                                 low_resolution)
     results, _ = run_evaluation(evaluator, domains, episodes=args.episodes, meta=meta, batch_tasks=0)
     paths = write_outputs(results, args.output)
     print(paths["markdown"].read_text())

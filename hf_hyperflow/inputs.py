@@ -21,7 +21,7 @@ from torch import nn
 from .io import read_json_checked
 
 __all__ = ["encode_labels", "default_image_processor", "to_pixel_values", "check_images", "to_rgb", "without_colour",
-           "check_pair", "processor_size", "PixelTransform", "PIXEL_LIMIT", "PROCESSOR_FILE", "load_image_processor"]
+           "at_low_resolution", "domain_view", "check_pair", "processor_size", "PixelTransform", "PIXEL_LIMIT", "PROCESSOR_FILE", "load_image_processor"]
 
 PROCESSOR_FILE = "preprocessor_config.json"
 
@@ -311,6 +311,38 @@ def without_colour(images: list[Image.Image]) -> list[Image.Image]:
     transparency composited onto white first (:func:`to_rgb`)."""
     _check_all_pil(images)
     return [to_rgb(image, f"image {i}").convert("L").convert("RGB") for i, image in enumerate(images)]
+
+
+def at_low_resolution(images: list[Image.Image], side: int) -> list[Image.Image]:
+    """The images as thumbnails of at most ``side`` pixels on their longer side (each thumbnail pixel the mean of the
+    pixels it covers: PIL's box filter), enlarged back to their own size with bicubic resampling: what a coarse
+    scan or an enlarged thumbnail shows. Transparency composited onto white first (:func:`to_rgb`); an image no
+    larger than ``side`` is returned as it is (in RGB)."""
+    if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+        raise ValueError(f"side must be an integer >= 1 (pixels on the thumbnail's longer side), got {side!r}.")
+    _check_all_pil(images)
+    shown = []
+    for i, image in enumerate(images):
+        rgb = to_rgb(image, f"image {i}")
+        scale = side / max(rgb.size)
+        if scale >= 1:
+            shown.append(rgb)
+            continue
+        thumbnail = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))),
+                               Image.Resampling.BOX)
+        shown.append(thumbnail.resize(rgb.size, Image.Resampling.BICUBIC))
+    return shown
+
+
+def domain_view(images: list[Image.Image], grey: bool = False, low_resolution: int | None = None, then=None):
+    """The images as a copy of their domain shows them: in grey when ``grey`` (:func:`without_colour`), then at
+    ``low_resolution`` (:func:`at_low_resolution`), then through ``then`` (e.g. an episode's pixel transform;
+    None: the PIL images)."""
+    if grey:
+        images = without_colour(images)
+    if low_resolution is not None:
+        images = at_low_resolution(images, low_resolution)
+    return images if then is None else then(images)
 
 
 def to_rgb(image: Image.Image, where: str = "the image") -> Image.Image:

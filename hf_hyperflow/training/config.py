@@ -181,6 +181,11 @@ class DatasetSection:
                                   "classes without their colours, so that the drift does not learn colour as a sign "
                                   "of the domain. List the source twice (in colour and in grey) under distinct "
                                   "`name`s to train on both.", False)
+    low_resolution: int | None = option("Show this dataset's images as thumbnails of at most this many pixels on "
+                                        "their longer side, enlarged back (training and validation episodes): the "
+                                        "same classes as a coarse scan would show them, so that sharpness is not "
+                                        "what tells the drift the domain. List the source again under another "
+                                        "`name` to train on both.")
     episodes: EpisodeShape | None = option("This dataset's own protocol / ways / shots / queries, replacing those of "
                                           "the episodes section (e.g. {shots: 1, queries: 3} for a dataset with 4 "
                                           "images per class).")
@@ -196,6 +201,8 @@ class DatasetSection:
         if self.min_images_per_class is not None:
             check_int(self.min_images_per_class, f"{key}.min_images_per_class", 1)
         check_number(self.weight, f"{key}.weight", 0.0, strict_low=True)
+        if self.low_resolution is not None:
+            check_int(self.low_resolution, f"{key}.low_resolution", 1)
         split = self.class_split
         if isinstance(split, str) and not Path(split).is_file():
             raise ValueError(f"{key}.class_split: no class split file at {split}.")

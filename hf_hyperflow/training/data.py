@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..episodes import ClassSplit, EpisodeSampler, LabelIndex, load_image_dataset, resolve_label_column
-from ..inputs import without_colour
+from ..inputs import domain_view
 from ..prefix import PrefixCache
 from .config import DatasetSection, TrainConfig, dataset_name, episode_shape
 from .losses import UnrolledInputs
@@ -181,15 +181,13 @@ def _source(entry: DatasetSection, key: str) -> Source:
     return Source(dataset_name(entry), entry, dataset, label_column, _class_split(entry, dataset, label_column, key))
 
 
-def _grey_then(transform, images):
-    images = without_colour(images)
-    return images if transform is None else transform(images)
-
-
 def entry_transform(entry: DatasetSection, transform):
     """The ``image_transform`` of a dataset entry's episode samplers: ``transform`` (None: PIL images), after
-    showing the images in grey when the entry is ``without_colour``."""
-    return functools.partial(_grey_then, transform) if entry.without_colour else transform
+    showing the images as the entry's copy of its domain does (``without_colour``, ``low_resolution``)."""
+    if not entry.without_colour and entry.low_resolution is None:
+        return transform
+    return functools.partial(domain_view, grey=entry.without_colour, low_resolution=entry.low_resolution,
+                             then=transform)
 
 
 def make_sampler(source: Source, config: TrainConfig, split: str, seed: int, num_episodes: int, transform, key: str,
@@ -210,7 +208,8 @@ def make_sampler(source: Source, config: TrainConfig, split: str, seed: int, num
 # ------------------------------------------------------------------------------------------------
 def row_key(entry: DatasetSection) -> str:
     """What identifies the rows of a dataset in the prefix cache (the same source sliced the same way)."""
-    return f"{entry.source}|{entry.hub_split}|{entry.max_classes}" + ("|grey" if entry.without_colour else "")
+    return (f"{entry.source}|{entry.hub_split}|{entry.max_classes}" + ("|grey" if entry.without_colour else "")
+            + (f"|low{entry.low_resolution}" if entry.low_resolution is not None else ""))
 
 
 @dataclass

@@ -104,7 +104,8 @@ class TrajectoryPool:
                                  f"dataset.source in store.json); record it with recipes/make_trajectories.py.")
             entry = DatasetSection(source=description["source"], max_classes=description.get("max_classes"),
                                    hub_split=description.get("hub_split") or "train",
-                                   without_colour=bool(description.get("without_colour")))
+                                   without_colour=bool(description.get("without_colour")),
+                                   low_resolution=description.get("low_resolution"))
             known = next((s for s in self._sources if s.entry.source == entry.source
                           and s.entry.max_classes == entry.max_classes), None)
             if known is not None:
@@ -160,7 +161,7 @@ def generate_trajectories(config: TrainConfig, adapter, sources: list[Source], a
         sampler = make_sampler(source, config, "train", generate.seed, generate.episodes, transform, f"datasets[{k}]")
         description = {"source": source.entry.source, "hub_split": source.entry.hub_split,
                        "max_classes": source.entry.max_classes, "without_colour": source.entry.without_colour,
-                       "split": "train",
+                       "low_resolution": source.entry.low_resolution, "split": "train",
                        **episode_shape(config, source.entry), "episode_seed": generate.seed, "class_split": str(source.class_split_file)}
         done = (folder / "store.json").is_file() and len(TrajectoryStore(folder)) >= generate.episodes * generate.inits
         if not done:
