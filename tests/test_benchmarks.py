@@ -151,6 +151,7 @@ def test_validation(setting):
         setting["run"] / "efficientnet-lite0", "--class-splits", setting["run"] / "training" / "class_splits",
         "--source", f"glyphs_default={setting['data'] / 'glyphs_default'}:script:2:3",
         "--source", f"grey={setting['data'] / 'glyphs_default'}:script:2:3", "--without-colour", "grey",
+        "--source", f"low={setting['data'] / 'glyphs_default'}:script:2:3", "--low-resolution", "low=8",
         "--source", f"digits={setting['data'] / 'digits'}:label:2:3", "--outside-training", "digits",
         "--methods", "dt,hyperflow,ft-head:sgd:1", "--lr-grid", "0,0.1", "--lr-episodes", 1, "--episodes", 2,
         "--output", output)
@@ -159,13 +160,19 @@ def test_validation(setting):
     for name in ("glyphs_default (validation)", "digits (outside training)"):
         assert set(results[name]["ft-head:sgd:1"]["lr_table"]) == {"0.0", "0.1"}
     assert results["grey (validation)"]["dt"]["episodes"] == 2
+    assert results["low (validation)"]["dt"]["episodes"] == 2
     assert results["digits (outside training)"]["dt"]["episodes"] == 2
-    for flag in ("--without-colour", "--outside-training"):
+    for flag, value in (("--without-colour", "glyphs"), ("--outside-training", "glyphs"), ("--low-resolution", "glyphs=8")):
         with pytest.raises(AssertionError, match=f"{flag} names no --source"):
             run("validation.py", "--adapter", setting["run"] / "training" / "best", "--source",
-                f"glyphs_default={setting['data'] / 'glyphs_default'}:script", flag, "glyphs", "--output", output)
+                f"glyphs_default={setting['data'] / 'glyphs_default'}:script", flag, value, "--output", output)
+    from benchmarks.validation import parse_low_resolution, validation_domains
+
+    assert parse_low_resolution(["a=16", "b=8"]) == {"a": 16, "b": 8}
+    for bad in ("a", "a=", "=8", "a=0", "a=x"):
+        with pytest.raises(SystemExit, match="--low-resolution takes NAME=PIXELS"):
+            parse_low_resolution([bad])
     # a source outside training draws its episodes from every class
-    from benchmarks.validation import validation_domains
     from hf_hyperflow.episodes import EpisodeSampler
 
     source = {"name": "digits", "path": str(setting["data"] / "digits"), "group_column": "label", "shots": 2,

@@ -9,7 +9,7 @@ from conftest import IMAGE_SIZE, make_backbone, transformers_notices
 from conftest import random_pixels as pixels
 from PIL import Image
 
-from hf_hyperflow.inputs import encode_labels, without_colour
+from hf_hyperflow.inputs import at_low_resolution, domain_view, encode_labels, without_colour
 
 
 def test_labels_strings_and_predictions_of_the_same_kind(adapter):
@@ -89,6 +89,28 @@ def test_images_without_colour_keep_their_luma_in_every_channel():
     assert (np.asarray(grey_transparent) == 255).all()
     with pytest.raises(TypeError, match=r"must be PIL images .*; got \['ndarray'\]"):
         without_colour([rgb, np.zeros((2, 2, 3))])
+
+
+def test_images_at_low_resolution_are_thumbnails_enlarged_back():
+    stripes = np.zeros((32, 64, 3), dtype=np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: no 8-pixel thumbnail can hold them
+    block = np.full((32, 64, 3), 255, dtype=np.uint8)
+    block[:, :32] = 0  # a half-black image: as coarse as the thumbnail
+    small = Image.new("RGBA", (6, 4), (0, 0, 0, 0))
+    shown = at_low_resolution([Image.fromarray(stripes), Image.fromarray(block), small], 8)
+    assert [image.size for image in shown] == [(64, 32), (64, 32), (6, 4)]
+    assert all(image.mode == "RGB" for image in shown)
+    np.testing.assert_allclose(np.asarray(shown[0], dtype=float), 127.5, atol=1)  # box filter: the stripes' mean
+    left, right = np.asarray(shown[1], dtype=int)[:, :28], np.asarray(shown[1], dtype=int)[:, 36:]
+    assert (left == 0).all() and (right == 255).all()  # edges blur, flat parts stay
+    assert (np.asarray(shown[2]) == 255).all()  # already small: composited onto white, not resized
+    grey_low = domain_view([Image.fromarray(block)], grey=True, low_resolution=8, then=lambda images: len(images))
+    assert grey_low == 1
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"side must be an integer >= 1"):
+            at_low_resolution([small], bad)
+    with pytest.raises(TypeError, match=r"must be PIL images"):
+        at_low_resolution([stripes], 8)
 
 
 def test_the_backbones_own_processor_is_read_without_a_backend_notice(tmp_path):

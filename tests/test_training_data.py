@@ -85,3 +85,30 @@ def test_a_dataset_shown_without_colour_has_grey_episodes_and_its_own_cache_rows
         assert (values == values[..., :1]).all()
         assert np.abs(values[..., 0] - np.asarray(c.convert("L"), dtype=np.int16)).max() == 0
     assert row_key(DatasetSection(source="x", without_colour=True)) != row_key(DatasetSection(source="x"))
+
+
+def test_a_dataset_shown_at_low_resolution_has_thumbnail_episodes_and_its_own_cache_rows(synthetic_dataset):
+    import numpy as np
+    from conftest import tiny_train_config
+
+    from hf_hyperflow.inputs import at_low_resolution
+    from hf_hyperflow.training import DatasetSection, config_from_dict
+    from hf_hyperflow.training.data import Source, _class_split, load_source, make_sampler, row_key
+
+    config = config_from_dict(tiny_train_config("unused", synthetic_dataset))
+    episodes = {}
+    for side in (None, 4):
+        entry = DatasetSection(source=synthetic_dataset, low_resolution=side, class_split={"seed": 0})
+        dataset, label_column = load_source(entry, "entry")
+        source = Source("s", entry, dataset, label_column, _class_split(entry, dataset, label_column, "entry"))
+        episodes[side] = make_sampler(source, config, "train", seed=3, num_episodes=2, transform=None, key="entry")[1]
+    sharp, low = episodes[None], episodes[4]
+    assert sharp.support_indices == low.support_indices  # the same episodes, only the pixels differ
+    for s, t in zip(sharp.support_images, low.support_images, strict=True):
+        assert t.size == s.size
+        np.testing.assert_array_equal(np.asarray(t), np.asarray(at_low_resolution([s], 4)[0]))
+    keys = {row_key(DatasetSection(source="x", **extra)) for extra in
+            ({}, {"low_resolution": 16}, {"low_resolution": 8}, {"without_colour": True, "low_resolution": 16})}
+    assert len(keys) == 4
+    with pytest.raises(ValueError, match=r"datasets\[0\].low_resolution must be an integer >= 1, got 0"):
+        config_from_dict(tiny_train_config("unused", synthetic_dataset, **{"datasets.0.low_resolution": 0}))
