@@ -84,10 +84,8 @@ def parse_low_resolution(values: Sequence[str]) -> dict[str, int]:
     return sides
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", type=Path, default=Path("models/efficientnet-lite0"))
-    parser.add_argument("--adapter", type=Path, required=True)
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that name validation sources and how they are shown (read back by :func:`domains_from_arguments`)."""
     parser.add_argument("--class-splits", type=Path, default=None, help="folder of <name>.json class splits")
     parser.add_argument("--source", action="append", required=True, help="NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]")
     parser.add_argument("--without-colour", action="append", default=[], metavar="NAME",
@@ -97,6 +95,28 @@ def main(argv: list[str] | None = None) -> dict:
                              "(repeatable)")
     parser.add_argument("--outside-training", action="append", default=[], metavar="NAME",
                         help="a source no training source covers: episodes over every class (repeatable)")
+
+
+def checked_sources(args: argparse.Namespace) -> tuple[list[dict], dict[str, int]]:
+    """``(sources, low resolution per name)`` of :func:`add_source_arguments`' flags; SystemExit where a flag names
+    no source (before any model or dataset is loaded)."""
+    sources = [parse_source(s) for s in args.source]
+    low_resolution = parse_low_resolution(args.low_resolution)
+    check_source_flags(sources, {"--without-colour": args.without_colour, "--outside-training": args.outside_training,
+                                 "--low-resolution": list(low_resolution)})
+    return sources, low_resolution
+
+
+def domains_from_arguments(args: argparse.Namespace, sources: list[dict], low_resolution: dict[str, int]) -> dict:
+    """:func:`validation_domains` of the flags of :func:`add_source_arguments`."""
+    return validation_domains(sources, args.class_splits, args.without_colour, args.outside_training, low_resolution)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", type=Path, default=Path("models/efficientnet-lite0"))
+    parser.add_argument("--adapter", type=Path, required=True)
+    add_source_arguments(parser)
     parser.add_argument("--methods", default="dt,hyperflow,hyperflow:auto")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--lr-grid", default="0,1e-4,1e-3,1e-2",
@@ -107,10 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
-    sources = [parse_source(s) for s in args.source]
-    low_resolution = parse_low_resolution(args.low_resolution)
-    check_source_flags(sources, {"--without-colour": args.without_colour, "--outside-training": args.outside_training,
-                                 "--low-resolution": list(low_resolution)})
+    sources, low_resolution = checked_sources(args)
     from transformers import AutoModel
 
     from hf_hyperflow import HyperFlowAdapter
@@ -125,8 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
             "shots": None, "queries": None, "image_size": int(adapter.config.image_size),
             "machine": machine_description(), "date": date.today().isoformat(), "split": "validation",
             "command": "python benchmarks/validation.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
-    domains = validation_domains(sources, args.class_splits, args.without_colour, args.outside_training,
-                                 low_resolution)
+    domains = domains_from_arguments(args, sources, low_resolution)
     results, _ = run_evaluation(evaluator, domains, episodes=args.episodes, meta=meta, batch_tasks=0)
     paths = write_outputs(results, args.output)
     print(paths["markdown"].read_text())

@@ -345,3 +345,60 @@ def test_every_benchmark_is_run_here():
     tested_elsewhere = {"gpu_benchmark"}  # tests/test_gpu_benchmark.py runs its --tiny CPU check
     tested = {name[len("test_"):] for name in globals() if name.startswith("test_")} - {"every_benchmark_is_run_here"}
     assert drivers == tested | tested_elsewhere
+
+
+def test_gate_study(setting):
+    """Episodes beyond the threshold take direct transfer's accuracy, the others keep the method's; the distances
+    are those of the adapter's own reference."""
+    from transformers import AutoModel
+
+    from benchmarks.gate_study import gate_table, gated_accuracies
+    from benchmarks.validation import validation_domains
+    from hf_hyperflow import HyperFlowAdapter, HyperFlowConfig
+    from hf_hyperflow.domain_reference import DOMAIN_REFERENCE_FILE, DomainReference
+    from hf_hyperflow.episodes import EpisodeSampler
+    from hf_hyperflow.training.reference import support_statistics
+
+    assert gated_accuracies([90.0, 80.0, 70.0], [60.0, 60.0, 60.0], [1.0, 3.0, 2.0], 2.0) == [90.0, 60.0, 70.0]
+    rows = gate_table({"a": {"method": [90.0, 80.0], "dt": [60.0, 60.0], "distance": [1.0, 3.0]}},
+                      [0.5, 2.0, 9.0]).splitlines()[2:]
+    assert rows[0].startswith("| 0.5 | -25.00 ±") and rows[0].endswith("(100%) |")
+    assert rows[1].startswith("| 2 | -10.00 ±") and rows[1].endswith("(50%) |")
+    assert rows[2] == "| 9 | +0.00 ±0.00 (0%) |"
+
+    backbone = AutoModel.from_pretrained(setting["run"] / "efficientnet-lite0").eval()
+    adapter = HyperFlowAdapter(backbone, HyperFlowConfig(**{**yaml.safe_load(CONFIG.read_text())["adapter"],
+                                                            "statistics_size": 3}))
+    folder = setting["root"] / "gated_adapter"
+    adapter.save_pretrained(folder)
+    splits = setting["run"] / "training" / "class_splits"
+    common = ["--backbone", setting["run"] / "efficientnet-lite0", "--class-splits", splits,
+              "--source", f"glyphs_default={setting['data'] / 'glyphs_default'}:script:2:3"]
+    run("validation.py", "--adapter", folder, *common, "--methods", "dt,hyperflow:auto", "--episodes", 3,
+        "--output", setting["root"] / "gate_validation")
+    results = setting["root"] / "gate_validation" / "results.json"
+    output = setting["root"] / "gate.md"
+    with pytest.raises(AssertionError, match="has no domain reference"):
+        run("gate_study.py", "--adapter", folder, "--results", results, *common, "--output", output)
+
+    source = {"name": "glyphs_default", "path": str(setting["data"] / "glyphs_default"), "group_column": "script",
+              "shots": 2, "queries": 3}
+    (dataset, kwargs), = validation_domains([source], splits).values()
+    sampler = EpisodeSampler(dataset, **{**kwargs, "num_episodes": 4, "seed": 7})
+    DomainReference.fit({"glyphs": support_statistics(adapter, sampler, 4)}).save(folder / DOMAIN_REFERENCE_FILE)
+    evaluated = EpisodeSampler(dataset, **{**kwargs, "num_episodes": 3, "seed": 0})
+    reference = DomainReference.load(folder / DOMAIN_REFERENCE_FILE)
+    distances = sorted(float(reference.distance(support_statistics(adapter, evaluated, 3))[i]) for i in range(3))
+    text = run("gate_study.py", "--adapter", folder, "--results", results, *common, "--gates",
+               f"0,{(distances[0] + distances[1]) / 2!r},1e9", "--output", output)
+    lines = [line for line in output.read_text().splitlines() if line.startswith("| ")]
+    assert lines[0] == "| gate | glyphs_default (validation) |"
+    shares = [line.rsplit("(", 1)[1] for line in lines[1:]]
+    assert shares == ["100%) |", "67%) |", "0%) |"]  # the evaluated episodes' own distances
+    saved = json.loads(results.read_text())["details"]["glyphs_default (validation)"]["per_episode_accuracy"]
+    gain = 100.0 * sum(m - d for m, d in zip(saved["hyperflow:auto"], saved["dt"], strict=True)) / 3
+    assert float(lines[1].split(" | ")[1].split(" ±")[0]) == pytest.approx(-gain, abs=0.005)
+    assert lines[3] == "| 1e+09 | +0.00 ±0.00 (0%) |"
+    assert "glyphs_default (validation): 3 episodes" in text
+    with pytest.raises(AssertionError, match="episode 0 is not the validation run's"):
+        run("gate_study.py", "--adapter", folder, "--results", results, *common, "--seed", 1, "--output", output)
