@@ -25,8 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.teacher_study import parse_source  # noqa: E402
-from benchmarks.validation import check_source_flags, validation_domains  # noqa: E402
+from benchmarks.validation import add_source_arguments, checked_sources, domains_from_arguments  # noqa: E402
 
 
 def path_record(adapter, support, labels, query, query_labels, steps: int | None = None) -> dict:
@@ -190,11 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", type=Path, default=Path("models/efficientnet-lite0"))
     parser.add_argument("--adapter", type=Path, default=Path("adapters/efficientnet_lite0"))
-    parser.add_argument("--source", action="append", required=True, help="NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]")
-    parser.add_argument("--without-colour", action="append", default=[], metavar="NAME",
-                        help="show this source's images in grey, as validation.py does (repeatable)")
-    parser.add_argument("--outside-training", action="append", default=[], metavar="NAME",
-                        help="a source no training source covers: episodes over every class, as validation.py")
+    add_source_arguments(parser)  # as validation.py takes them
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="integration steps (default: the adapter's)")
@@ -203,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                         help='score rules from the records instead of recording: "0,4,8@0.05" = points, margin')
     parser.add_argument("--versus", default=None, help="with --rules: paired differences against this rule, not dt")
     args = parser.parse_args(argv)
-    sources = [parse_source(s) for s in args.source]
-    check_source_flags(sources, {"--without-colour": args.without_colour, "--outside-training": args.outside_training})
+    sources, low_resolution = checked_sources(args)
     if args.rules is not None:
         records = {s["name"]: [json.loads(line) for line in (args.output / f"{s['name']}.jsonl").read_text()
                                .splitlines()][: args.episodes] for s in sources}
@@ -217,8 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.output.mkdir(parents=True, exist_ok=True)
     adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(args.backbone).eval(), args.adapter)
-    for name, (dataset, sampler_kwargs) in validation_domains(sources, None, args.without_colour,
-                                                              args.outside_training).items():
+    for name, (dataset, sampler_kwargs) in domains_from_arguments(args, sources, low_resolution).items():
         record_source(adapter, name, dataset, sampler_kwargs, args.episodes, args.seed, args.output, args.steps)
 
 
