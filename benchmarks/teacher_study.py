@@ -9,7 +9,8 @@ classes of the meta-training sources, at several image sizes and numbers of adap
 A source is ``NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES]`` (5-way; default 5 shots, 15 queries); its validation
 classes come from ``ClassSplit.from_dataset(dataset, group_column=GROUP_COLUMN, seed=0)``; ``--outside-training
 NAME`` marks a source held out of meta-training as a whole, whose episodes draw from every class with enough
-images. Every variant runs
+images; ``--low-resolution NAME=PIXELS`` shows a source as thumbnails enlarged back (as a training config's
+``low_resolution``). Every variant runs
 at every lr on the same seeded episodes as direct transfer (50 Adam steps, the P>M>F protocol; other ``--steps``
 or ``--optimizer sgd``, plain gradient steps, are rows of their own, e.g. ``lora+shift, sgd x1``). The lr of a
 variant is chosen on the first half of the episodes and its paired gain over dt is reported on the second
@@ -74,16 +75,23 @@ def make_adapter(backbone, size: int, first_block: int):
                                                       first_adapted_block=first_block))
 
 
-def episodes_for(source: dict, count: int, seed: int, outside_training: bool = False):
-    """The source's validation classes; every class of a source ``outside_training`` (no training source covers it)."""
+def episodes_for(source: dict, count: int, seed: int, outside_training: bool = False,
+                 low_resolution: int | None = None):
+    """The source's validation classes; every class of a source ``outside_training`` (no training source covers it);
+    shown as thumbnails of at most ``low_resolution`` pixels enlarged back, where that is set."""
+    import functools
+
     from hf_hyperflow.episodes import ClassSplit, EpisodeSampler, load_image_dataset
+    from hf_hyperflow.inputs import domain_view
 
     dataset = load_image_dataset(source["path"])
     split = None if outside_training else ClassSplit.from_dataset(dataset, group_column=source["group_column"], seed=0)
     sampler = EpisodeSampler(dataset, protocol="fixed", ways=5, shots=source["shots"], queries=source["queries"],
                              split=None if outside_training else "validation", class_split=split,
                              min_images_per_class=source["shots"] + source["queries"] if outside_training else None,
-                             num_episodes=count, seed=seed)
+                             num_episodes=count, seed=seed,
+                             image_transform=(functools.partial(domain_view, low_resolution=low_resolution)
+                                              if low_resolution is not None else None))
     return [sampler[i] for i in range(count)]
 
 
@@ -154,7 +162,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/teacher_study"))
     parser.add_argument("--outside-training", action="append", default=[], metavar="NAME",
                         help="a --source held out of meta-training as a whole: episodes over every class")
+    parser.add_argument("--low-resolution", action="append", default=[], metavar="NAME=PIXELS",
+                        help="show a --source's images as thumbnails of at most PIXELS on a side, enlarged back")
     args = parser.parse_args(argv)
+    from benchmarks.validation import check_source_flags, parse_low_resolution
+
+    sources = [parse_source(s) for s in args.source]
+    low_resolution = parse_low_resolution(args.low_resolution)
+    check_source_flags(sources, {"--outside-training": args.outside_training, "--low-resolution": list(low_resolution)})
     import torch
     from transformers import AutoModel
 
@@ -165,17 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     log = args.output / "records.jsonl"
     records = load_records(log)
-    sources = [parse_source(s) for s in args.source]
-    unknown = sorted(set(args.outside_training) - {source["name"] for source in sources})
-    if unknown:
-        raise SystemExit(f"error: --outside-training names no --source: {unknown}")
     lrs = [float(x) for x in args.lrs.split(",")]
     torch.manual_seed(args.seed)
     for size in (int(x) for x in args.sizes.split(",")):
         for first_block in (int(x) for x in args.first_blocks.split(",")):
             adapter = make_adapter(AutoModel.from_pretrained(args.backbone).eval(), size, first_block)
             for source in sources:
-                episodes = episodes_for(source, args.episodes, args.seed, source["name"] in args.outside_training)
+                episodes = episodes_for(source, args.episodes, args.seed, source["name"] in args.outside_training,
+                                        low_resolution.get(source["name"]))
                 cells = [("dt", None)] + [(v, lr) for v in args.variants.split(",") for lr in lrs]
                 for variant, lr in cells:
                     key = record_key(source["name"], size, first_block, variant, lr, args.steps, args.optimizer)

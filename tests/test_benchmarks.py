@@ -305,17 +305,33 @@ def test_teacher_study(setting):
     output = setting["root"] / "teacher_study"
     run("teacher_study.py", "--backbone", setting["run"] / "efficientnet-lite0", "--source",
         f"glyphs={setting['data'] / 'glyphs_default'}:script", "--source",
-        f"held_out={setting['data'] / 'glyphs_default'}:script", "--outside-training", "held_out", "--sizes", 32,
+        f"held_out={setting['data'] / 'glyphs_default'}:script", "--outside-training", "held_out", "--source",
+        f"coarse={setting['data'] / 'glyphs_default'}:script", "--low-resolution", "coarse=4", "--sizes", 32,
         "--first-blocks", -1, "--variants", "shift", "--lrs", "1e-3", "--episodes", 2, "--steps", 1, "--output", output)
     readme = (output / "README.md").read_text()
     assert "| glyphs | 32 | 1 | shift, adam x1 |" in readme and "| held_out | 32 | 1 | shift, adam x1 |" in readme
+    assert "| coarse | 32 | 1 | shift, adam x1 |" in readme
     run("teacher_study.py", "--backbone", setting["run"] / "efficientnet-lite0", "--source",
         f"glyphs={setting['data'] / 'glyphs_default'}:script", "--sizes", 32, "--first-blocks", -1, "--variants",
         "shift", "--lrs", "1e-1", "--episodes", 2, "--steps", 1, "--optimizer", "sgd", "--output", output)
     readme = (output / "README.md").read_text()
     assert "| glyphs | 32 | 1 | shift, adam x1 | 0.001 |" in readme
     assert "| glyphs | 32 | 1 | shift, sgd x1 | 0.1 |" in readme
-    assert len((output / "records.jsonl").read_text().splitlines()) == 5  # dt once: it does not depend on the steps
+    assert len((output / "records.jsonl").read_text().splitlines()) == 7  # dt once: it does not depend on the steps
+    import numpy as np
+
+    from benchmarks.teacher_study import episodes_for
+    from hf_hyperflow.inputs import at_low_resolution
+
+    source = {"name": "coarse", "path": str(setting["data"] / "glyphs_default"), "group_column": "script",
+              "shots": 5, "queries": 15}
+    (sharp,), (coarse,) = episodes_for(source, 1, 0), episodes_for(source, 1, 0, low_resolution=4)
+    assert sharp.support_indices == coarse.support_indices
+    thumbnail = at_low_resolution(sharp.support_images[:1], 4)[0]
+    assert np.array_equal(np.asarray(coarse.support_images[0]), np.asarray(thumbnail))
+    with pytest.raises(AssertionError, match="--low-resolution names no --source"):
+        run("teacher_study.py", "--source", f"glyphs={setting['data'] / 'glyphs_default'}:script", "--low-resolution",
+            "other=8", "--output", output)
 
 
 def test_training_benchmark(setting):
