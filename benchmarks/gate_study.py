@@ -54,25 +54,17 @@ def gate_table(domains: dict[str, dict], gates: list[float]) -> str:
 
 def episode_distances(adapter, dataset, sampler_kwargs: dict, rows: list, seed: int) -> list[float]:
     """The distance to the training sources of the support of each of the validation run's episodes (drawn again
-    with the run's seed; SystemExit where they are not the run's ``rows``)."""
-    import torch
-
-    from hf_hyperflow.domain_reference import statistics_vector
+    with the run's seed; SystemExit, before any pass, where they are not the run's ``rows``)."""
     from hf_hyperflow.episodes import EpisodeSampler
+    from hf_hyperflow.training.reference import support_statistics
 
     sampler = EpisodeSampler(dataset, **{**sampler_kwargs, "num_episodes": len(rows), "seed": seed})
-    distances = []
     for i, row in enumerate(rows):
-        episode = sampler[i]
-        if [list(episode.support_indices), list(episode.query_indices)] != [list(x) for x in row]:
+        plan = sampler.plan(i)
+        if [list(plan.support_indices), list(plan.query_indices)] != [list(x) for x in row]:
             raise SystemExit(f"error: episode {i} is not the validation run's (its rows differ): give the run's own "
                              "--source flags, class splits and --seed.")
-        labels = torch.as_tensor(episode.support_labels)
-        _, statistics = adapter.task_inputs(adapter.pixel_values(episode.support_images), labels, [len(labels)],
-                                            [int(labels.max()) + 1])
-        vector = statistics_vector(statistics, adapter.drift.modules_order)
-        distances.append(float(adapter.domain_reference.distance(vector)[0]))
-    return distances
+    return adapter.domain_reference.distance(support_statistics(adapter, sampler, len(rows))).tolist()
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -21,7 +21,8 @@ from torch import nn
 from .io import read_json_checked
 
 __all__ = ["encode_labels", "default_image_processor", "to_pixel_values", "check_images", "to_rgb", "without_colour",
-           "at_low_resolution", "domain_view", "check_pair", "processor_size", "PixelTransform", "PIXEL_LIMIT", "PROCESSOR_FILE", "load_image_processor"]
+           "at_low_resolution", "domain_view", "check_pair", "processor_size", "PixelTransform", "PIXEL_LIMIT",
+           "PROCESSOR_FILE", "load_image_processor"]
 
 PROCESSOR_FILE = "preprocessor_config.json"
 

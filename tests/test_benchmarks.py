@@ -162,7 +162,8 @@ def test_validation(setting):
     assert results["grey (validation)"]["dt"]["episodes"] == 2
     assert results["low (validation)"]["dt"]["episodes"] == 2
     assert results["digits (outside training)"]["dt"]["episodes"] == 2
-    for flag, value in (("--without-colour", "glyphs"), ("--outside-training", "glyphs"), ("--low-resolution", "glyphs=8")):
+    for flag, value in (("--without-colour", "glyphs"), ("--outside-training", "glyphs"),
+                        ("--low-resolution", "glyphs=8")):
         with pytest.raises(AssertionError, match=f"{flag} names no --source"):
             run("validation.py", "--adapter", setting["run"] / "training" / "best", "--source",
                 f"glyphs_default={setting['data'] / 'glyphs_default'}:script", flag, value, "--output", output)
