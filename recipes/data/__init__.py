@@ -23,6 +23,7 @@ _MODULES = {
     "cataclysm_tiles": "recipes.data.cataclysm_tiles",
     "openclipart": "recipes.data.openclipart",
     "tuxpaint_stamps": "recipes.data.tuxpaint_stamps",
+    "quickdraw": "recipes.data.quickdraw",
 }
 
 
