@@ -10,11 +10,12 @@ import numpy as np
 from PIL import Image
 
 
-def fake_package(cache: Path, name: str, version: str) -> Path:
-    """An extracted Debian package in the builders' source cache, as fetch_source leaves it; returns its root."""
-    root = cache / "deb" / name
+def fake_package(cache: Path, name: str, version: str, kind: str = "deb") -> Path:
+    """An extracted Debian (or npm) package in the builders' source cache, as fetch_source leaves it; returns its
+    root."""
+    root = cache / kind / name
     (root / "files").mkdir(parents=True)
-    (root / ".complete.json").write_text(json.dumps({"kind": "deb", "name": name, "version": version}))
+    (root / ".complete.json").write_text(json.dumps({"kind": kind, "name": name, "version": version}))
     return root / "files"
 
 

@@ -50,6 +50,7 @@ SLICES = {
     "cataclysm_tiles": (6, "category", ["cc-by-sa-3.0"]),
     "openclipart": (6, "category", ["cc0-1.0"]),
     "tuxpaint_stamps": (6, "category", ["gpl-2.0", "gfdl", "cc-by-sa-3.0", "cc-by-2.5", "cc-by-2.0", "other"]),
+    "quickdraw": (6, "group", ["cc-by-4.0"]),
 }
 ALWAYS = {"glyphs_default", "digits"}  # their sources come with pip
 
