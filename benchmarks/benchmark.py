@@ -3,8 +3,8 @@
     python benchmarks/benchmark.py [--adapter adapters/efficientnet_lite0] [--episodes 600] [--ft-episodes 30]
         [--ft-full-episodes 10] [--output benchmarks]
 
-Domains: the held-out test groups of the four meta-training sources (glyphs scripts, the emoji category Objects,
-Wesnoth races, Cataclysm categories: whole groups never seen in training; class splits
+Domains: the held-out test groups of the five meta-training sources (glyphs scripts, the emoji category Objects,
+Wesnoth races, Cataclysm categories, Quick, Draw! kinds of object: whole groups never seen in training; class splits
 ``ClassSplit.from_dataset(dataset, group_column=..., seed=0)``, as the shipped adapter was trained with) and two
 out-of-domain sets never used for training or any choice (digits, Fashion-MNIST, all classes). Missing datasets
 are built into ``--data`` with the registered builders. Every method runs on the same seeded episodes of a domain.
@@ -32,7 +32,7 @@ from benchmarks.teacher_study import parse_source  # noqa: E402
 from hf_hyperflow.registry import build_missing  # noqa: E402
 
 SOURCES = ("glyphs=glyphs:script", "emoji=emoji:category:1:3", "wesnoth_units=wesnoth_units:race:2:3",
-           "cataclysm_tiles=cataclysm_tiles:category:1:3")  # NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES], under --data
+           "cataclysm_tiles=cataclysm_tiles:category:1:3", "quickdraw=quickdraw:group")  # NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES], under --data
 OUT_OF_DOMAIN = ("digits", "fashion_mnist")
 OUTSIDE_SHAPE = {"shots": 5, "queries": 15}  # episodes of the out-of-domain datasets, 5-way over every class
 FINE_TUNING = ["ft-lora+shift", "ft-blocks", "ft-full"]
