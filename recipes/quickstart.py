@@ -10,7 +10,7 @@
 4. evaluates direct transfer, fine-tuning of the shifts (ft-shift) and HyperFlow on the same seeded 5-way
    5-shot episodes of the held-out scripts and of digits, and prints the table;
 5. saves the adapter with its model card and results under <output>/adapter;
-6. evaluates the shipped adapter (adapters/efficientnet_lite0, meta-trained on four sources: its model card)
+6. evaluates the shipped adapter (adapters/efficientnet_lite0, meta-trained on five sources: its model card)
    against direct transfer on the same digits episodes, and prints its paired gain.
 """
 
