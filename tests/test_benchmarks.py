@@ -419,3 +419,37 @@ def test_gate_study(setting):
     assert "glyphs_default (validation): 3 episodes" in text
     with pytest.raises(AssertionError, match="episode 0 is not the validation run's"):
         run("gate_study.py", "--adapter", folder, "--results", results, *common, "--seed", 1, "--output", output)
+
+
+def test_interleaved_latency(setting):
+    """Each adapter's mean time over dt's, the later adapters' paired difference in units of dt's mean; a run needs
+    two adapters of one image size."""
+    from benchmarks.interleaved_latency import summarise
+
+    rows = summarise({"dt": [1.0, 3.0], "a": [3.0, 5.0], "b": [4.0, 4.0]})
+    assert rows["a"]["latency_vs_dt"] == pytest.approx(2.0) and rows["b"]["latency_vs_dt"] == pytest.approx(2.0)
+    assert rows["b"]["minus_a_vs_dt"]["mean"] == pytest.approx(0.0)
+    assert rows["b"]["minus_a_vs_dt"]["ci95"] == pytest.approx(1.96 * 0.5 / 2 ** 0.5)
+
+    from transformers import AutoModel
+
+    from hf_hyperflow import HyperFlowAdapter
+
+    first = setting["run"] / "training" / "best"
+    backbone = setting["run"] / "efficientnet-lite0"
+    second = setting["root"] / "latency_second"
+    adapter = HyperFlowAdapter.from_pretrained(AutoModel.from_pretrained(backbone), first)
+    adapter.config.stopping = "fixed"
+    adapter.save_pretrained(second)
+    output = setting["root"] / "interleaved"
+    common = ["--backbone", backbone, "--class-splits", setting["run"] / "training" / "class_splits",
+              "--source", f"glyphs_default={setting['data'] / 'glyphs_default'}:script:2:3", "--episodes", 2,
+              "--output", output]
+    run("interleaved_latency.py", "--adapter", f"auto={first}", "--adapter", f"fixed={second}", *common)
+    saved = json.loads((output / "results.json").read_text())
+    row = saved["sources"]["glyphs_default (validation)"]
+    assert set(row) == {"dt", "auto", "fixed"} and "minus_auto_vs_dt" in row["fixed"]
+    assert row["auto"]["latency_vs_dt"] == pytest.approx(row["auto"]["adapt_latency_s"] / row["dt"]["adapt_latency_s"])
+    assert "| glyphs_default (validation) |" in (output / "results.md").read_text()
+    with pytest.raises(AssertionError, match="at least two --adapter"):
+        run("interleaved_latency.py", "--adapter", f"auto={first}", *common)
