@@ -1,7 +1,7 @@
 """What the speed benchmarks share: the backbone, the adapter at the shipped settings, support sets, the load.
 
 The shipped settings are the method's fields of adapters/efficientnet_lite0/adapter_config.json (lora + shift +
-head, r 4, euler x 8, the last two blocks adapted, module input statistics, stopping "auto" over 3 points), at
+head, r 4, euler x 4, the last four blocks adapted, module input statistics, stopping "auto" over 2 points), at
 the image size a benchmark asks for. Drift outputs are random and non-zero (an untrained drift network outputs
 zero): the cost of adaptation does not depend on their values (the auto rule runs every candidate point whichever
 it keeps).
@@ -50,7 +50,8 @@ def shipped_settings() -> dict:
 def settings_description() -> str:
     """The shipped settings in words, for a report."""
     s = shipped_settings()
-    block = {-1: "last block", -2: "last two blocks"}.get(s["first_adapted_block"], f"blocks from {s['first_adapted_block']}")
+    block = {-1: "last block", -2: "last two blocks", -3: "last three blocks", -4: "last four blocks"}.get(
+        s["first_adapted_block"], f"blocks from {s['first_adapted_block']}")
     stopping = (f"stopping auto over {s['stopping_points']} points" if s["stopping"] == "auto" else "fixed steps")
     return (f"shipped adapter settings ({' + '.join(s['groups'])}, r {s['r']}, {s['integrator']} x {s['steps']}, "
             f"{block} adapted, module input statistics {s['statistics_size']}, {stopping})")
