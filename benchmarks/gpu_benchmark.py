@@ -14,8 +14,8 @@ Episodes are 5-way 5-shot 15-query over scikit-learn's digits (built offline int
 Latency and peak memory come from :class:`hf_hyperflow.evaluation.Evaluator` (dt, hyperflow and ft-full on the
 same episodes; ft-full: 50 Adam steps of the whole backbone); tasks per second from ``Evaluator.batched_throughput``
 (``adapt_many`` against ``adapt`` one task after another, repeated with the task counts taking turns, medians).
-``--tiny`` swaps in tiny shapes (32 px, 2 layers) and few steps so that the
-whole script runs on a CPU in seconds. Writes the Markdown table and ``<output stem>.json``.
+``--tiny`` swaps in tiny shapes (32 px, 4 layers: as many blocks as the shipped settings adapt) and few steps
+so that the whole script runs on a CPU in seconds. Writes the Markdown table and ``<output stem>.json``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def make_backbone(name: str, tiny: bool):
     if name.startswith("vit"):
         width, heads = {"vit-s16": (384, 6), "vit-b16": (768, 12)}[name]
         if tiny:
-            config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            config = ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
                                image_size=32, patch_size=8)
         else:
             config = ViTConfig(hidden_size=width, num_hidden_layers=12, num_attention_heads=heads,
