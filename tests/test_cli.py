@@ -307,8 +307,9 @@ def test_push_card_data_states_the_stopping_points_and_gate_of_the_shipped_adapt
     folder = Path(__file__).resolve().parents[1] / "adapters" / "efficientnet_lite0"
     data = build_adapter_card_data(folder, "someone/lite0", PushConfig(folder=str(folder), repo_id="someone/lite0",
                                                                        base_model="efficientnet-lite0"))
-    assert (data.stopping, data.stopping_points) == ("auto", 2)
-    assert data.domain_gate == 2.2 and data.domain_sources[:2] == ["glyphs", "emoji"]
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert (data.stopping, data.stopping_points) == (saved["stopping"], saved["stopping_points"]) == ("auto", 2)
+    assert data.domain_gate == saved["domain_gate"] is not None and data.domain_sources[:2] == ["glyphs", "emoji"]
     from hf_hyperflow.commands.push import safetensors_size
 
     assert (data.drift_parameters, data.drift_bytes) == safetensors_size([folder / "adapter_model.safetensors"])
